@@ -1,0 +1,28 @@
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+
+.PHONY: test demo install clean
+
+# torch is pinned to the CPU build that the machine already holds, installed
+# first so nothing else can pull a multi-GB CUDA wheel; fairscale ships only an
+# sdist that needs torch at build time, hence --no-build-isolation.
+$(STAMP): requirements.txt pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q --no-build-isolation -r requirements.txt
+	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests
+
+demo: $(STAMP)
+	$(BIN)/python -m llama_rlhf.demo $(if $(GSM8K),--gsm8k $(GSM8K),)
+
+clean:
+	rm -rf $(VENV) runs
