@@ -1,0 +1,114 @@
+"""checkpoint_split.py: split / merge / re-shard / HF export, and its bad-input errors."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llama_rlhf.checkpoint import CheckpointError, load_model, load_source, split_command, split_state_dict, shard_dim
+from llama_rlhf.models.args import ConfigError
+from tests.helpers import run_script, tiny_hf_model
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    model, _ = tiny_hf_model("llama-tiny")
+    model.save_pretrained(root / "hf")
+    return root
+
+
+def test_hf_split_merge_export_is_bit_exact(hf_dir):
+    root = hf_dir
+    split_command(str(root / "hf"), str(root / "tp2"), n=2)
+    assert sorted(os.listdir(root / "tp2")) == ["consolidated.00.pth", "consolidated.01.pth", "params.json"]
+    split_command(str(root / "tp2"), str(root / "tp1"), n=1)
+    split_command(str(root / "tp1"), str(root / "back"), to="hf")
+    original, back = load_file(root / "hf/model.safetensors"), load_file(root / "back/model.safetensors")
+    assert original.keys() == back.keys()
+    for key in original:
+        assert torch.equal(original[key], back[key]), key
+
+    import transformers
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(root / "back", attn_implementation="eager")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(root / "hf", attn_implementation="eager")
+    tokens = torch.randint(0, 512, (1, 20))
+    with torch.no_grad():
+        assert torch.equal(reloaded(tokens).logits, ref(tokens).logits)
+
+
+def test_reshard_2_to_1_equals_the_source(hf_dir):
+    root = hf_dir
+    split_command(str(root / "hf"), str(root / "r2"), n=2)
+    split_command(str(root / "r2"), str(root / "r1"), n=1)
+    full_a, _ = load_source(str(root / "r1"))
+    full_b, _ = load_source(str(root / "hf"))
+    assert all(torch.equal(full_a[k], full_b[k]) for k in full_b)
+
+
+def test_single_file_sources(hf_dir, tmp_path):
+    sd, args = load_source(str(hf_dir / "hf"))
+    torch.save(sd, tmp_path / "model.pth")  # Meta keys, no config beside it -> the preset decides
+    split_command(str(tmp_path / "model.pth"), str(tmp_path / "out"), n=1, model_type="llama-tiny")
+    out, _ = load_source(str(tmp_path / "out"))
+    assert all(torch.equal(out[k], sd[k]) for k in sd)
+
+
+def test_every_parameter_has_a_shard_rule(hf_dir):
+    sd, _ = load_source(str(hf_dir / "hf"))
+    shards = split_state_dict(sd, 2)
+    for key, t in sd.items():
+        dim = shard_dim(key)
+        assert shards[0][key].shape[dim] * 2 == t.shape[dim] if dim is not None else torch.equal(shards[1][key], t)
+
+
+def test_bad_inputs_raise_clear_errors(hf_dir, tmp_path):
+    root = hf_dir
+    with pytest.raises(CheckpointError, match="no such file"):
+        split_command(str(tmp_path / "missing.pth"), str(tmp_path / "d1"), n=1)
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        split_command(str(tmp_path / "junk.pth"), str(tmp_path / "d2"), n=1, model_type="llama-tiny")
+    with pytest.raises(ConfigError, match="unknown --model_type"):
+        split_command(str(root / "hf"), str(tmp_path / "d3"), n=1, model_type="llama-9b")
+    with pytest.raises(ValueError, match="does not divide n_kv_heads"):
+        split_command(str(root / "hf"), str(tmp_path / "d4"), n=4)
+    with pytest.raises(ConfigError, match="qwen"):
+        split_command(str(root / "hf"), str(tmp_path / "d5"), n=1, model_type="qwen-tiny")
+    for d in ("d1", "d2", "d3", "d4", "d5"):
+        assert not (tmp_path / d).exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
+
+
+def test_shard_count_must_equal_tp_size(hf_dir, tmp_path):
+    split_command(str(hf_dir / "hf"), str(tmp_path / "two"), n=2)
+    with pytest.raises(CheckpointError, match="has 2 shards but tensor parallel size is 1"):
+        load_model(str(tmp_path / "two"))
+
+
+def test_params_json_that_disagrees_with_tensors(hf_dir, tmp_path):
+    split_command(str(hf_dir / "hf"), str(tmp_path / "c"), n=1)
+    params = json.loads((tmp_path / "c/params.json").read_text())
+    params["hidden_dim"] = 96
+    (tmp_path / "c/params.json").write_text(json.dumps(params))
+    with pytest.raises(CheckpointError, match="w1.weight has shape"):
+        split_command(str(tmp_path / "c"), str(tmp_path / "d"), n=1)
+
+
+def test_dst_holding_a_different_checkpoint(hf_dir, tmp_path):
+    split_command(str(hf_dir / "hf"), str(tmp_path / "dst"), n=1)
+    before = (tmp_path / "dst/consolidated.00.pth").read_bytes()
+    split_command(str(hf_dir / "hf"), str(tmp_path / "dst"), n=1)  # same content: fine
+    with pytest.raises(CheckpointError, match="different checkpoint"):
+        split_command(str(hf_dir / "hf"), str(tmp_path / "dst"), n=2)
+    assert (tmp_path / "dst/consolidated.00.pth").read_bytes() == before
+    assert not (tmp_path / "dst/consolidated.01.pth").exists()
+
+
+def test_cli_error_is_one_line_and_nonzero(tmp_path):
+    proc = run_script("checkpoint_split.py", "--ckpt_file", tmp_path / "nope", "--save_path", tmp_path / "d", "--n", "2")
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.strip().splitlines() if line]
+    assert len(lines) == 1 and "nope" in lines[0], proc.stderr
+    assert not (tmp_path / "d").exists()
