@@ -1,0 +1,1 @@
+"""PPO / GRPO / RLOO math: advantages, KL penalties, clipped losses."""
