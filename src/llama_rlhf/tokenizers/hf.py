@@ -1,0 +1,58 @@
+"""Hugging Face `tokenizer.json` directories (Qwen, Llama-3), through transformers."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import Tokenizer
+
+# Everything a tokenizer directory may hold that AutoTokenizer reads back; transformers >= 5
+# keeps the chat template in its own chat_template.jinja rather than in tokenizer_config.json.
+HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+            "chat_template.jinja", "chat_template.json", "tokenizer.model")
+
+
+class HFTokenizer(Tokenizer):
+    def __init__(self, directory: str | Path):
+        from transformers import AutoTokenizer  # slow import, paid only by HF users
+
+        self.path = Path(directory)
+        try:
+            self.tok = AutoTokenizer.from_pretrained(str(self.path))
+        except (OSError, ValueError, KeyError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{self.path}: cannot load HF tokenizer ({first})") from None
+        if self.tok.eos_token_id is None:
+            raise ValueError(f"{self.path}: tokenizer defines no eos token")
+
+    def _encode(self, text: str) -> list[int]:
+        # Special tokens are added by Tokenizer.encode so that bos/eos mean the same for all.
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def _decode(self, ids: list[int]) -> str:
+        # No clean-up: it rewrites " ," and the like, so decode(encode(text)) would differ from text.
+        return self.tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.tok.bos_token_id
+
+    @property
+    def eos_id(self) -> int:
+        return self.tok.eos_token_id
+
+    @property
+    def _real_pad_id(self) -> int | None:
+        return self.tok.pad_token_id
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tok)  # includes added tokens, which are real ids
+
+    @property
+    def files(self) -> dict[str, Path]:
+        return {name: self.path / name for name in HF_FILES if (self.path / name).is_file()}
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        if not self.tok.chat_template:
+            raise ValueError(f"{self.path}: tokenizer has no chat_template")
+        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
