@@ -1,0 +1,68 @@
+"""The rollout buffer: everything one PPO round produces, phase by phase.
+
+Per-token tensors live on action positions [N, T-1] (see `llama_rlhf.scoring`):
+position j holds the log-prob / value / reward of token j+1.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import torch
+
+from ..scoring import PairBatch, pair_batch
+
+
+@dataclass
+class RolloutBuffer:
+    prompts: list[list[int]]
+    responses: list[list[int]]
+    labels: list[Optional[str]]
+    finished: torch.Tensor  # [N] bool: ended on EOS / stop string
+    gen_logprobs: list[list[float]]  # per response token, from the sampler
+    texts: list[str] = field(default_factory=list)
+    # Filled by later phases, all [N, T-1] float on action positions unless noted.
+    logprobs: Optional[torch.Tensor] = None
+    ref_logprobs: Optional[torch.Tensor] = None
+    values: Optional[torch.Tensor] = None
+    scores: Optional[torch.Tensor] = None  # [N]
+    rewards: Optional[torch.Tensor] = None
+    advantages: Optional[torch.Tensor] = None
+    returns: Optional[torch.Tensor] = None
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def batch(self, idx: list[int], pad_id: int) -> PairBatch:
+        """Rows `idx`, padded only to their own longest row (T-1 columns sliced to match)."""
+        return pair_batch([self.prompts[i] for i in idx], [self.responses[i] for i in idx], pad_id)
+
+    def rows(self, name: str, idx: list[int], width: int) -> torch.Tensor:
+        return getattr(self, name)[idx, :width]
+
+    def generation_logprobs(self) -> torch.Tensor:
+        """Sampler log-probs laid out on action positions [N, T-1]."""
+        out = torch.zeros(len(self), self.width())
+        for i, (p, lp) in enumerate(zip(self.prompts, self.gen_logprobs)):
+            out[i, len(p) - 1:len(p) - 1 + len(lp)] = torch.tensor(lp)
+        return out
+
+    def width(self) -> int:
+        return max(len(p) + len(r) for p, r in zip(self.prompts, self.responses)) - 1
+
+    def minibatches(self, size: int, generator: torch.Generator) -> Iterator[list[int]]:
+        order = torch.randperm(len(self), generator=generator).tolist()
+        for start in range(0, len(order), size):
+            yield order[start:start + size]
+
+    def save(self, path: str) -> None:
+        """Atomic write, so a crash never leaves a half buffer behind."""
+        tmp = path + ".tmp"
+        torch.save(dataclasses.asdict(self), tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str) -> "RolloutBuffer":
+        return cls(**torch.load(path, weights_only=False))
