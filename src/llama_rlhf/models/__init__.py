@@ -6,6 +6,7 @@ import torch
 from ..parallel import tp_size
 from .args import PRESETS, ConfigError, ModelArgs, family_of, preset_args, read_args, write_params
 from .transformer import KVCache, Transformer, causal_mask
+from .heads import attach_reward_head
 
 
 def build_model(args: ModelArgs, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
@@ -43,4 +44,4 @@ def init_weights(model: Transformer, seed: int, std: float = 0.02) -> None:
 
 
 __all__ = ["PRESETS", "ConfigError", "ModelArgs", "Transformer", "KVCache", "causal_mask", "build_model",
-           "init_weights", "family_of", "preset_args", "read_args", "write_params"]
+           "init_weights", "family_of", "preset_args", "read_args", "write_params", "attach_reward_head"]

@@ -1,0 +1,21 @@
+"""Turn sampled solver answers into verifier / DPO preference pairs.
+
+    torchrun --nproc_per_node N solver_evaluate.py ... --t 0.7 --num_samples 8 --log_dir runs/x
+    python dataset/make_pairs.py --results runs/x/results.json --dst pairs.json [--max_pairs_per_question 4]
+
+Per question, distinct correct samples (GSM8K answer extraction against the label) are chosen
+answers and distinct wrong ones rejected answers; up to --max_pairs_per_question pairs are
+written per question. Questions with only correct or only wrong samples are skipped and counted.
+"""
+import fire
+
+from llama_rlhf.cli import run_cli
+from llama_rlhf.data.pairs import make_pairs
+
+
+def main(results: str, dst: str, max_pairs_per_question: int = 4) -> None:
+    run_cli(make_pairs, results_json=str(results), dst=str(dst), max_pairs_per_question=int(max_pairs_per_question))
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

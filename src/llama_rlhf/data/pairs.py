@@ -1,0 +1,357 @@
+"""Preference data for the verifier and DPO: pairwise and pointwise records, tokenised the
+way SFT and generation do it, collated into batches, and `make_pairs` that builds pairwise
+records from sampled solver answers.
+
+Record formats (a JSON list or JSONL):
+
+* pairwise:  ``{"instruction": str, "chosen": [str, ...], "rejected": [str, ...], "margin"?: float}``
+  (a single string is accepted for ``chosen`` / ``rejected``). A record contributes every
+  (chosen, rejected) combination; a combination whose two texts are equal carries no
+  preference and is skipped (counted and logged). An empty ``chosen`` or ``rejected`` list
+  is an error naming the file and record.
+* pointwise: ``{"instruction": str, "output": str, "label": 0 | 1}`` (pointwise verifier loss
+  only; pairwise files also serve the pointwise loss: chosen = 1, rejected = 0).
+
+Tokenisation (data/template.py, identical to SFT and to generation):
+
+    prompt   = encode(format_prompt(instruction), bos=True, eos=False)
+    response = encode(text, bos=False, eos=False) + [eos]
+
+The whole prompt + response is the model input (the verifier scores the EOS position, as it
+does on PPO rollouts, which end on EOS). A sequence longer than ``max_seq_len`` loses prompt
+tokens from the left first (BOS kept), then response tokens from the end; counted and logged.
+
+Batches (``collate``) describe *sequences* (2 per pair: chosen then rejected, or 1 per
+pointwise sample) laid out in *rows*:
+
+    tokens [R, T], positions [R, T] | None, segments [R, T] | None (packed rows only),
+    row [S] (the row of each sequence), last [S] (position of its last token, EOS),
+    resp_mask [S, T] (positions of its response tokens, in its row),
+    margin [P] | None, labels [S] | None, n_pairs, n_tokens
+
+Unpacked, every sequence has its own row, exactly `scoring.pair_batch` (row i = sequence i).
+Packed (``packing=True``), a pair shares one row: ``prompt + chosen + rejected``, the rejected
+tokens positioned right after the prompt and blind to the chosen ones (see `packed_mask`), so
+the prompt is computed once per pair and every score equals its unpacked value.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+
+from ..log import get_logger
+from .records import DataError, load_records, write_json_atomic
+from .template import format_prompt
+
+KINDS = ("pairwise", "pointwise")
+
+
+# ----------------------------------------------------------------------------- tokenisation
+
+def encode_prompt(tokenizer, instruction: str) -> list[int]:
+    """Prompt ids of an instruction, exactly as SFT, generation and PPO encode it."""
+    return tokenizer.encode(format_prompt(instruction), bos=True, eos=False)
+
+
+def encode_response(tokenizer, text: str) -> list[int]:
+    """Response ids of an answer text: its tokens + EOS (what SFT trains and generation emits)."""
+    return tokenizer.encode(text, bos=False, eos=False) + [tokenizer.eos_id]
+
+
+def fit_length(prompt: list[int], response: list[int], max_seq_len: Optional[int],
+               bos_id: Optional[int] = None) -> tuple[list[int], list[int], bool]:
+    """(prompt, response, truncated) with len(prompt) + len(response) <= max_seq_len: the prompt
+    is cut from the left (BOS kept), then the response from the end; both keep >= 1 token."""
+    if max_seq_len is None or len(prompt) + len(response) <= max_seq_len:
+        return prompt, response, False
+    if max_seq_len < 2:
+        raise ValueError(f"--max_seq_len must be >= 2, got {max_seq_len}")
+    keep_bos = bool(prompt) and bos_id is not None and prompt[0] == bos_id
+    room = max(max_seq_len - len(response), 1 + keep_bos)
+    if len(prompt) > room:
+        head = prompt[:1] if keep_bos else []
+        prompt = head + prompt[len(prompt) - (room - len(head)):]
+    response = response[:max_seq_len - len(prompt)]
+    return prompt, response, True
+
+
+# ----------------------------------------------------------------------------- records
+
+@dataclass
+class Pair:
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+    margin: float = 0.0
+
+
+@dataclass
+class Point:
+    prompt: list[int]
+    response: list[int]
+    label: float
+
+
+def _texts(record: dict, key: str, where: str) -> list[str]:
+    v = record[key]
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list) or not all(isinstance(t, str) for t in v):
+        raise DataError(f"{where}: '{key}' must be a string or a list of strings")
+    if not v:
+        raise DataError(f"{where}: '{key}' is empty (a pair needs at least one chosen and one rejected answer)")
+    return v
+
+
+def record_kind(record: dict, where: str) -> str:
+    if "chosen" in record or "rejected" in record:
+        missing = [k for k in ("instruction", "chosen", "rejected") if k not in record]
+        if missing:
+            raise DataError(f"{where}: pairwise record is missing key(s) {', '.join(missing)}")
+        return "pairwise"
+    if "output" in record and "label" in record:
+        if "instruction" not in record:
+            raise DataError(f"{where}: pointwise record is missing key(s) instruction")
+        return "pointwise"
+    raise DataError(f"{where}: expected a pairwise record (instruction, chosen, rejected) or a pointwise "
+                    f"one (instruction, output, label); got keys {sorted(record)}")
+
+
+class PairDataset:
+    """Tokenised preference data. Units (what the trainer indexes): pairs for pairwise data,
+    samples for pointwise data."""
+
+    def __init__(self, records: Sequence[dict], tokenizer, max_seq_len: Optional[int] = None,
+                 source: str = "train file"):
+        if not records:
+            raise DataError(f"{source}: no records")
+        self.source, self.max_seq_len = source, max_seq_len
+        self.pad_id, self.eos_id, bos = tokenizer.pad_id, tokenizer.eos_id, tokenizer.bos_id
+        self.pairs: list[Pair] = []
+        self.points: list[Point] = []
+        self.n_identical = self.n_truncated = self.n_empty_records = 0
+        self.has_margin = False
+        kinds = set()
+        cache: dict[str, list[int]] = {}
+
+        def resp(text: str) -> list[int]:
+            if text not in cache:
+                cache[text] = encode_response(tokenizer, text)
+            return cache[text]
+
+        def fit(p: list[int], r: list[int]) -> tuple[list[int], list[int]]:
+            p2, r2, cut = fit_length(p, r, max_seq_len, bos)
+            self.n_truncated += cut
+            return p2, r2
+
+        for i, rec in enumerate(records):
+            where = f"{source}: record {i}"
+            kind = record_kind(rec, where)
+            kinds.add(kind)
+            if not isinstance(rec["instruction"], str):
+                raise DataError(f"{where}: 'instruction' must be a string")
+            prompt = encode_prompt(tokenizer, rec["instruction"])
+            if kind == "pointwise":
+                label = rec["label"]
+                if isinstance(label, bool) or label not in (0, 1):
+                    raise DataError(f"{where}: 'label' must be 0 or 1, got {label!r}")
+                if not isinstance(rec["output"], str):
+                    raise DataError(f"{where}: 'output' must be a string")
+                p, r = fit(prompt, resp(rec["output"]))
+                self.points.append(Point(p, r, float(label)))
+                continue
+            chosen, rejected = _texts(rec, "chosen", where), _texts(rec, "rejected", where)
+            margin = rec.get("margin")
+            if margin is not None:
+                if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+                    raise DataError(f"{where}: 'margin' must be a number, got {margin!r}")
+                self.has_margin = True
+            before = len(self.pairs)
+            for c, r in itertools.product(chosen, rejected):
+                if c == r:
+                    self.n_identical += 1
+                    continue
+                pc, rc = fit(prompt, resp(c))
+                pr, rr = fit(prompt, resp(r))
+                if pc != pr:  # truncation cut the shared prompt differently: both use the shorter one
+                    pc = pc if len(pc) <= len(pr) else pr
+                    rc, rr = resp(c)[:max_seq_len - len(pc)], resp(r)[:max_seq_len - len(pc)]
+                self.pairs.append(Pair(pc, rc, rr, float(margin or 0.0)))
+            self.n_empty_records += len(self.pairs) == before
+        if len(kinds) > 1:
+            raise DataError(f"{source}: mixes pairwise and pointwise records; use one kind per file")
+        self.kind = kinds.pop()
+        log = get_logger()
+        if self.n_identical:
+            log.warning(f"{source}: skipped {self.n_identical} pair(s) whose chosen and rejected texts are "
+                        f"identical ({self.n_empty_records} record(s) left without any pair)")
+        if self.n_truncated:
+            log.warning(f"{source}: truncated {self.n_truncated} sequence(s) to --max_seq_len {max_seq_len}")
+        if len(self) == 0:
+            raise DataError(f"{source}: no usable pairs (every chosen text equals its rejected text)")
+        log.info(f"{source}: {len(records)} {self.kind} records -> {len(self)} "
+                 f"{'pairs' if self.kind == 'pairwise' else 'samples'}")
+
+    def __len__(self) -> int:
+        return len(self.pairs) if self.kind == "pairwise" else len(self.points)
+
+    def collate(self, indices: Sequence[int], epoch: int = 0, packing: bool = False) -> dict:
+        if self.kind == "pointwise":
+            pts = [self.points[i] for i in indices]
+            out = collate_sequences([p.prompt for p in pts], [p.response for p in pts], self.pad_id)
+            out.update(labels=torch.tensor([p.label for p in pts]), margin=None, n_pairs=0)
+            return out
+        pairs = [self.pairs[i] for i in indices]
+        out = collate_pairs(pairs, self.pad_id, packing)
+        out["margin"] = torch.tensor([p.margin for p in pairs]) if self.has_margin else None
+        return out
+
+
+def load_pair_dataset(path: str, tokenizer, max_seq_len: Optional[int] = None) -> PairDataset:
+    """Records of a JSON / JSONL file (errors name the file and record) -> PairDataset."""
+    return PairDataset(load_records(path, ("instruction",)), tokenizer, max_seq_len, source=str(path))
+
+
+# ----------------------------------------------------------------------------- collation
+
+def collate_sequences(prompts: Sequence[list[int]], responses: Sequence[list[int]], pad_id: int) -> dict:
+    """One right-padded row per sequence: exactly `scoring.pair_batch` (row i = sequence i)."""
+    from ..scoring import pair_batch
+    b = pair_batch(list(prompts), list(responses), pad_id)
+    S, T = b.tokens.shape
+    resp = torch.zeros((S, T), dtype=torch.bool)
+    resp[:, 1:] = b.action_mask[:, :T - 1]  # token j+1 is a response token iff action j is one
+    return {"tokens": b.tokens, "positions": None, "segments": None, "row": torch.arange(S),
+            "last": b.last_index, "resp_mask": resp, "labels": None,
+            "n_tokens": sum(len(p) + len(r) for p, r in zip(prompts, responses))}
+
+
+def collate_pairs(pairs: Sequence[Pair], pad_id: int, packing: bool = False) -> dict:
+    """Sequences 0..P-1 are the chosen answers, P..2P-1 the rejected ones."""
+    P = len(pairs)
+    if not packing:
+        out = collate_sequences([p.prompt for p in pairs] * 2, [p.chosen for p in pairs] +
+                                [p.rejected for p in pairs], pad_id)
+        out["n_pairs"] = P
+        return out
+    T = max(len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
+    tokens = torch.full((P, T), pad_id, dtype=torch.long)
+    positions = torch.zeros((P, T), dtype=torch.long)
+    segments = torch.full((P, T), 3, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, 3 padding
+    last = torch.zeros(2 * P, dtype=torch.long)
+    resp = torch.zeros((2 * P, T), dtype=torch.bool)
+    for i, p in enumerate(pairs):
+        n, c, r = len(p.prompt), len(p.chosen), len(p.rejected)
+        if not (n and c and r):
+            raise ValueError(f"pair {i}: empty prompt or response")
+        tokens[i, :n + c + r] = torch.tensor(p.prompt + p.chosen + p.rejected)
+        positions[i, :n + c] = torch.arange(n + c)
+        positions[i, n + c:n + c + r] = torch.arange(n, n + r)  # rejected continues the prompt
+        positions[i, n + c + r:] = torch.arange(T - (n + c + r))
+        segments[i, :n], segments[i, n:n + c], segments[i, n + c:n + c + r] = 0, 1, 2
+        resp[i, n:n + c] = True
+        resp[P + i, n + c:n + c + r] = True
+        last[i], last[P + i] = n + c - 1, n + c + r - 1
+    return {"tokens": tokens, "positions": positions, "segments": segments, "row": torch.arange(P).repeat(2),
+            "last": last, "resp_mask": resp, "labels": None, "n_pairs": P,
+            "n_tokens": sum(len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)}
+
+
+def packed_mask(positions: torch.Tensor, segments: torch.Tensor, window: Optional[int] = None) -> torch.Tensor:
+    """Attention mask [R, 1, T, T] (True = attend) of packed pair rows: causal by position, a
+    token sees its own segment, and chosen / rejected tokens also see the prompt (segment 0)."""
+    q_pos, k_pos = positions[:, :, None], positions[:, None, :]
+    q_seg, k_seg = segments[:, :, None], segments[:, None, :]
+    m = k_pos <= q_pos
+    if window is not None:
+        m = m & (q_pos - k_pos < window)
+    m = m & ((q_seg == k_seg) | ((k_seg == 0) & ((q_seg == 1) | (q_seg == 2))))
+    return m[:, None]
+
+
+# ----------------------------------------------------------------------------- make_pairs
+
+def _item_samples(item: dict, where: str) -> list[str]:
+    outs = item.get("outputs")
+    if outs is None:
+        outs = [item["output"]] if isinstance(item.get("output"), str) else None
+    if not isinstance(outs, list) or not all(isinstance(t, str) for t in outs):
+        raise DataError(f"{where}: expected 'outputs' (a list of sampled answer texts)")
+    return outs
+
+
+def results_items(results: Any, source: str) -> list[dict]:
+    """The per-question items of a solver_evaluate results.json (a dict with "items", or a list)."""
+    items = results.get("items") if isinstance(results, dict) else results
+    if not isinstance(items, list):
+        raise DataError(f"{source}: expected a solver_evaluate results.json (an object with 'items')")
+    for i, it in enumerate(items):
+        if not isinstance(it, dict) or "instruction" not in it or "label" not in it:
+            raise DataError(f"{source}: item {i}: expected an object with 'instruction' and 'label'")
+    return items
+
+
+def sample_correctness(item: dict, outputs: list[str]) -> list[bool]:
+    from ..evaluation.gsm8k import extract_answer, is_correct
+    label = str(item["label"])
+    return [is_correct(extract_answer(t), label) for t in outputs]
+
+
+def _spread(n_c: int, n_r: int) -> list[tuple[int, int]]:
+    """All (chosen, rejected) index combinations, ordered so any prefix uses as many distinct
+    answers as possible: (0,0), (1,1), ... before repeats."""
+    return sorted(itertools.product(range(n_c), range(n_r)), key=lambda ij: ((ij[1] - ij[0]) % n_r, ij[0]))
+
+
+def make_pairs(results_json: str, dst: str, max_pairs_per_question: int = 4) -> dict:
+    """`dataset/make_pairs.py`: solver_evaluate `--num_samples K` results -> pairwise records.
+
+    Each question's distinct correct samples are chosen answers, its distinct wrong ones
+    rejected answers; up to `max_pairs_per_question` pairs are written per question, one record
+    per pair. Questions whose samples are all correct or all wrong give no pair (counted).
+    Returns the counts (also logged)."""
+    import json
+    if max_pairs_per_question < 1:
+        raise ValueError(f"--max_pairs_per_question must be >= 1, got {max_pairs_per_question}")
+    try:
+        with open(results_json, encoding="utf-8") as f:
+            results = json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"--results {results_json}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{results_json}:{e.lineno}: malformed JSON ({e.msg})") from None
+    items = results_items(results, results_json)
+    out: list[dict] = []
+    stats = {"questions": len(items), "pairs": 0, "used_questions": 0, "all_correct": 0, "all_wrong": 0}
+    for i, it in enumerate(items):
+        outputs = _item_samples(it, f"{results_json}: item {i}")
+        ok = sample_correctness(it, outputs)
+        good = list(dict.fromkeys(t for t, c in zip(outputs, ok) if c))
+        bad = list(dict.fromkeys(t for t, c in zip(outputs, ok) if not c))
+        if not bad:
+            stats["all_correct"] += 1
+            continue
+        if not good:
+            stats["all_wrong"] += 1
+            continue
+        stats["used_questions"] += 1
+        for ci, ri in _spread(len(good), len(bad))[:max_pairs_per_question]:
+            out.append({"instruction": it["instruction"], "chosen": [good[ci]], "rejected": [bad[ri]]})
+    stats["pairs"] = len(out)
+    if not out:
+        raise DataError(f"{results_json}: no question has both a correct and a wrong sample "
+                        f"({stats['all_correct']} all correct, {stats['all_wrong']} all wrong); "
+                        f"sample more answers per question (--num_samples) or at a higher --t")
+    write_json_atomic(out, dst)
+    get_logger().info(f"make_pairs: {stats['pairs']} pairs from {stats['used_questions']} of {stats['questions']} "
+                      f"questions -> {dst}; skipped {stats['all_correct']} all-correct and {stats['all_wrong']} "
+                      f"all-wrong questions")
+    return stats
+
+
+__all__ = ["Pair", "Point", "PairDataset", "load_pair_dataset", "encode_prompt", "encode_response", "fit_length",
+           "collate_pairs", "collate_sequences", "packed_mask", "make_pairs", "results_items",
+           "sample_correctness", "DataError"]

@@ -1,0 +1,194 @@
+"""Direct Preference Optimization on the verifier's pairwise data; `dpo_train.py` calls `train_dpo`.
+
+Reference log-probs are computed ONCE, before training, for every train and held-out pair
+(summed over the answer's tokens + EOS), cached in memory per pair, and the reference model
+is then freed: a training step runs the policy only. The reference defaults to the initial
+policy (``--ckpt_dir``; it then computes its own reference before any update, so no second
+model is ever loaded), or ``--reference_ckpt_dir`` (same TP size, same tokenizer).
+
+Loss (losses.dpo_loss), with h = (log pi(y_c) - log pi(y_r)) - (log ref(y_c) - log ref(y_r)):
+``sigmoid`` -log sigma(beta h) (``--label_smoothing`` eps: conservative DPO) or ``ipo``
+(h - 1/(2 beta))^2. Summed over pairs and divided by the global pair count by the Trainer, so
+it is the same under any DP x accumulation layout. As beta -> 0 the sigmoid loss tends to
+log 2 with a gradient proportional to beta (the policy barely moves: raise --lr or beta);
+for ipo the target gap 1/(2 beta) grows without bound (the KL anchor vanishes). beta > 0.
+
+Token alignment is that of `llama_rlhf.scoring` (prompt = format_prompt with BOS, answer +
+EOS; the log-prob of token j+1 comes from position j); `sequence_logps` computes the sums
+with the SFT trainer's chunked cross-entropy, so no [B, T, V] logits tensor is formed.
+"""
+from __future__ import annotations
+
+import gc
+import os
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .. import parallel
+from ..data.pairs import PairDataset, collate_pairs, load_pair_dataset
+from ..log import get_logger
+from ..losses import dpo_loss
+from .base import TrainConfig, Trainer, autocast
+from .verifier import check_common, forward_hidden, load_for_training
+
+DPO_LOSSES = ("sigmoid", "ipo")
+
+
+def sequence_logps(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Summed log-prob of each sequence's response tokens (+ EOS) given its prompt [S], fp32."""
+    from .sft import linear_cross_entropy
+    h = forward_hidden(model, batch)
+    dev = h.device
+    tokens = batch["tokens"].to(dev)
+    out = []
+    for s in range(batch["row"].shape[0]):
+        r = int(batch["row"][s])
+        pos = batch["resp_mask"][s].nonzero()[:, 0].to(dev)
+        out.append(-linear_cross_entropy(h[r, pos - 1], model.output, tokens[r, pos]))
+    return torch.stack(out).float()
+
+
+@torch.no_grad()
+def pair_logps(model: nn.Module, datasets: list[PairDataset], max_batch_size: int) -> list[torch.Tensor]:
+    """Per dataset, [N, 2] (chosen, rejected) summed log-probs of every pair under `model`;
+    DP replicas compute strided slices, every rank gets all."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for ds in datasets:
+        mine = list(range(parallel.dp_rank(), len(ds), parallel.dp_size()))
+        local = []
+        for s in range(0, len(mine), max_batch_size):
+            idx = mine[s:s + max_batch_size]
+            batch = collate_pairs([ds.pairs[i] for i in idx], ds.pad_id)
+            with autocast():
+                lp = sequence_logps(model, batch).float().cpu()
+            P = len(idx)
+            local += [(i, float(lp[k]), float(lp[P + k])) for k, i in enumerate(idx)]
+        table = torch.zeros(len(ds), 2, dtype=torch.float32)
+        for part in parallel.all_gather_objects(local):
+            for i, c, r in part:
+                table[i, 0], table[i, 1] = c, r
+        out.append(table)
+    model.train(was_training)
+    return out
+
+
+def reference_logps(reference: nn.Module, datasets: list[PairDataset], max_batch_size: int) -> list[torch.Tensor]:
+    """The reference's cached log-probs (`pair_logps`); called once per run, before training."""
+    return pair_logps(reference, datasets, max_batch_size)
+
+
+def dpo_collate(dataset: PairDataset, ref: torch.Tensor):
+    """collate(indices, epoch) -> unpacked pair batch + the cached reference log-probs [P, 2]."""
+    def collate(indices: list[int], epoch: int = 0, _ds=dataset, _ref=ref) -> dict:
+        batch = collate_pairs([_ds.pairs[i] for i in indices], _ds.pad_id)
+        batch["ref"] = _ref[list(indices)]
+        return batch
+    return collate
+
+
+def dpo_objective(beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0):
+    """`objective(model, batch) -> (DPO loss summed over pairs, pairs, stats)` for the Trainer."""
+    def objective(model: nn.Module, batch: dict):
+        dev = parallel.device()
+        P = batch["n_pairs"]
+        logps = sequence_logps(model, batch)
+        ref = batch["ref"].to(dev)
+        loss, stats = dpo_loss(logps[:P], logps[P:], ref[:, 0], ref[:, 1], beta, loss_type, label_smoothing)
+        stats = {**stats, "accuracy": stats["rewards/accuracy"], "margin": stats["rewards/margin"],
+                 "logps/chosen": logps[:P].detach().mean(), "logps/rejected": logps[P:].detach().mean(),
+                 "tokens": batch["n_tokens"]}
+        return loss * P, P, stats
+    return objective
+
+
+@torch.no_grad()
+def evaluate_dpo(model: nn.Module, dataset: PairDataset, ref: torch.Tensor, beta: float, max_batch_size: int,
+                 prefix: str = "eval/") -> dict:
+    """Held-out pairs: the policy's chosen-over-rejected log-prob margin and accuracy, and the
+    implicit-reward margin beta*h and accuracy (h > 0) against the cached reference."""
+    table = pair_logps(model, [dataset], max_batch_size)[0]
+    gap = table[:, 0] - table[:, 1]
+    h = gap - (ref[:, 0] - ref[:, 1])
+    return {prefix + "logp_margin": gap.mean().item(), prefix + "logp_accuracy": (gap > 0).float().mean().item(),
+            prefix + "logps/chosen": table[:, 0].mean().item(), prefix + "logps/rejected": table[:, 1].mean().item(),
+            prefix + "reward_margin": (beta * h).mean().item(), prefix + "reward_accuracy": (h > 0).float().mean().item(),
+            prefix + "n": len(dataset)}
+
+
+def setup_dpo(ckpt_dir: str, save_dir: str, train_file: str, model_type: Optional[str] = None,
+              reference_ckpt_dir: Optional[str] = None, label_file: Optional[str] = None, beta: float = 0.1,
+              loss: str = "sigmoid", label_smoothing: float = 0.0, max_batch_size: int = 6, lora_rank: int = -1,
+              lora_alpha: Optional[float] = None, epochs: int = 1, lr: float = 1e-6, max_seq_len: int = 512,
+              accumulation_steps: int = 1, seed: int = 0, save_steps: int = 0, resume: bool = False,
+              warmup_steps: int = 0, max_steps: int = -1, log_steps: int = 1, gradient_checkpointing: bool = False,
+              schedule: str = "cosine", weight_decay: float = 0.0, max_grad_norm: float = 1.0,
+              tokenizer_path: Optional[str] = None, eval_batch_size: Optional[int] = None,
+              peak_flops: Optional[float] = None, progress: bool = True) -> Trainer:
+    """Load data and the reference, cache reference log-probs, free it, build the policy Trainer."""
+    from .. import lora as lora_mod
+    from ..checkpoint import load_model, shard_files
+    log = get_logger()
+    if loss not in DPO_LOSSES:
+        raise ValueError(f"--loss must be one of {', '.join(DPO_LOSSES)}, got {loss!r}")
+    z = torch.zeros(1)
+    dpo_loss(z, z, z, z, beta, loss, label_smoothing)  # validates beta / label_smoothing / loss early
+    check_common(max_batch_size, max_seq_len, save_steps, lora_rank)
+    model, tokenizer, tok_src = load_for_training(ckpt_dir, model_type, tokenizer_path, seed, role="solver")
+    train = load_pair_dataset(train_file, tokenizer, max_seq_len)
+    held_out = load_pair_dataset(label_file, tokenizer, max_seq_len) if label_file else None
+    for ds, name in ((train, train_file), (held_out, label_file)):
+        if ds is not None and ds.kind != "pairwise":
+            raise ValueError(f"{name}: DPO needs pairwise records (instruction, chosen, rejected)")
+    datasets = [train] + ([held_out] if held_out is not None else [])
+    bs = eval_batch_size or max_batch_size
+    if reference_ckpt_dir:
+        if not os.path.isdir(reference_ckpt_dir):
+            raise FileNotFoundError(f"--reference_ckpt_dir {reference_ckpt_dir}: no such directory")
+        if len(shard_files(reference_ckpt_dir)) != parallel.tp_size():
+            raise ValueError(f"--reference_ckpt_dir {reference_ckpt_dir} has {len(shard_files(reference_ckpt_dir))} "
+                             f"shards but --ckpt_dir has {parallel.tp_size()}; split it to the same TP size")
+        reference = load_model(reference_ckpt_dir, model_type, parallel.device(), torch.float32, role="solver")
+        if reference.args.vocab_size != model.args.vocab_size:
+            raise ValueError(f"--reference_ckpt_dir {reference_ckpt_dir}: vocabulary {reference.args.vocab_size} "
+                             f"differs from the policy's {model.args.vocab_size}")
+        refs = reference_logps(reference, datasets, bs)
+        del reference
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    else:
+        refs = reference_logps(model, datasets, bs)  # the initial policy, before any update
+    log.info(f"reference log-probs cached for {sum(len(d) for d in datasets)} pairs "
+             f"({'--reference_ckpt_dir ' + reference_ckpt_dir if reference_ckpt_dir else 'initial policy'})")
+    if lora_rank is not None and lora_rank > 0:
+        lora_mod.apply_lora(model, lora_rank, lora_alpha, seed=seed)
+        log.info(f"LoRA rank {lora_rank}: {parallel.param_count(model, trainable_only=True) / 1e6:.3f}M trainable params")
+    cfg = TrainConfig(save_dir=save_dir, micro_batch_size=max_batch_size, accumulation_steps=accumulation_steps,
+                      epochs=epochs, max_steps=max_steps, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
+                      schedule=schedule, max_grad_norm=max_grad_norm, seed=seed, save_steps=save_steps,
+                      log_steps=log_steps, resume=resume, gradient_checkpointing=gradient_checkpointing,
+                      tokenizer_src=tok_src, peak_flops=peak_flops, progress=progress,
+                      plot_keys=("loss", "rewards/margin", "rewards/accuracy"),
+                      extra_state={"train_file": os.path.abspath(train_file), "ckpt_dir": os.path.abspath(ckpt_dir),
+                                   "reference_ckpt_dir": reference_ckpt_dir, "beta": beta, "loss": loss,
+                                   "label_smoothing": label_smoothing, "max_seq_len": max_seq_len,
+                                   "lora_rank": lora_rank})
+    trainer = Trainer(model, dpo_objective(beta, loss, label_smoothing), len(train), dpo_collate(train, refs[0]), cfg)
+    trainer.dataset, trainer.held_out, trainer.reference_logps = train, held_out, refs
+    if held_out is not None:
+        trainer.eval_fn = lambda tr: evaluate_dpo(tr.model, held_out, refs[1], beta, bs)
+    return trainer
+
+
+def train_dpo(**kwargs) -> Optional[str]:
+    """`dpo_train.py`: DPO, checkpoint, log; returns the last checkpoint dir (a solver)."""
+    return setup_dpo(**kwargs).fit()
+
+
+__all__ = ["DPO_LOSSES", "dpo_collate", "dpo_objective", "evaluate_dpo", "pair_logps", "reference_logps",
+           "sequence_logps",
+           "setup_dpo", "train_dpo"]

@@ -1,0 +1,286 @@
+"""Verifier (outcome reward model) training: a solver checkpoint + a scalar head, trained on
+preference pairs with the shared `Trainer`; `verifier_train.py` calls `train_verifier`.
+
+Objectives (losses.py), per micro-batch of P pairs with scores r_c, r_r:
+
+* ``pairwise``:     -log sigma(r_c - r_r [- margin])                     (Bradley-Terry)
+* ``logexpwithlm``: the same + lm_coef x (mean NLL of each chosen answer's tokens)
+* ``pointwise``:    BCE(score, label) on chosen = 1 / rejected = 0 (or on pointwise records)
+
+The loss is summed over pairs (samples for pointwise) and the Trainer divides by the global
+count, so the update is the same under any DP x accumulation layout. A score is the head's
+value at the answer's last token (EOS) (``--reduce last``) or its mean over the answer's
+tokens (``--reduce mean``), with the token alignment of `llama_rlhf.scoring`.
+
+The model is initialised from a SOLVER checkpoint (a verifier dir is refused) and given a
+seeded head (`attach_reward_head`); every checkpoint written is a verifier (params.json has
+``reward_head: 1``). ``--resume`` restarts from the latest checkpoint in ``--save_dir``: pass
+the same solver ``--ckpt_dir`` as the first run, the head and weights then come from the
+checkpoint. With LoRA the head trains fully beside the adapters and is kept in the state
+files, so a LoRA run resumes too.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .. import parallel
+from ..data.pairs import PairDataset, load_pair_dataset, packed_mask
+from ..log import get_logger
+from ..losses import logexpwithlm_loss, pairwise_loss, pointwise_loss
+from .base import TrainConfig, Trainer, autocast
+
+LOSSES = ("pairwise", "logexpwithlm", "pointwise")
+REDUCES = ("last", "mean")
+
+
+# ----------------------------------------------------------------------------- forward
+
+def forward_hidden(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Final hidden states [R, T, dim] of a batch from `data.pairs` (packed rows get their mask)."""
+    dev = parallel.device()
+    tokens = batch["tokens"].to(dev, non_blocking=True)
+    positions = mask = None
+    if batch.get("segments") is not None:
+        positions = batch["positions"].to(dev, non_blocking=True)
+        mask = packed_mask(positions, batch["segments"].to(dev, non_blocking=True), model.args.sliding_window)
+    return model.hidden(tokens, positions=positions, mask=mask)
+
+
+def scores_from_hidden(model: nn.Module, h: torch.Tensor, batch: dict, reduce: str = "last") -> torch.Tensor:
+    """Verifier score of every sequence of the batch [S] (fp32): the head at the sequence's
+    last token, or its mean over the response tokens (as `scoring.sequence_scores`)."""
+    dev = h.device
+    values = model.values(h)[batch["row"].to(dev)]  # [S, T]
+    if reduce == "last":
+        return values.gather(1, batch["last"].to(dev)[:, None])[:, 0]
+    if reduce == "mean":
+        mask = batch["resp_mask"].to(dev)
+        return (values * mask).sum(1) / mask.sum(1)
+    raise ValueError(f"--reduce must be 'last' or 'mean', got {reduce!r}")
+
+
+def batch_scores(model: nn.Module, batch: dict, reduce: str = "last") -> torch.Tensor:
+    return scores_from_hidden(model, forward_hidden(model, batch), batch, reduce)
+
+
+def chosen_lm_nll(model: nn.Module, h: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Mean next-token NLL of each chosen answer's tokens (+ EOS), one value per pair [P], via
+    the SFT trainer's chunked output-projection cross-entropy (no [B, T, V] logits)."""
+    from .sft import linear_cross_entropy
+    dev = h.device
+    tokens = batch["tokens"].to(dev)
+    out = []
+    for s in range(batch["n_pairs"]):
+        r = int(batch["row"][s])
+        pos = batch["resp_mask"][s].nonzero()[:, 0].to(dev)  # response token positions (contiguous)
+        out.append(linear_cross_entropy(h[r, pos - 1], model.output, tokens[r, pos]) / pos.numel())
+    return torch.stack(out)
+
+
+def verifier_objective(loss: str = "pairwise", lm_coef: float = 0.0, reduce: str = "last"):
+    """`objective(model, batch) -> (loss summed over units, units, stats)` for the Trainer."""
+    if loss not in LOSSES:
+        raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+    if reduce not in REDUCES:
+        raise ValueError(f"--reduce must be 'last' or 'mean', got {reduce!r}")
+
+    def objective(model: nn.Module, batch: dict):
+        dev = parallel.device()
+        h = forward_hidden(model, batch)
+        scores = scores_from_hidden(model, h, batch, reduce)
+        tokens = {"tokens": batch["n_tokens"]}
+        if batch.get("labels") is not None:  # pointwise records
+            n = scores.shape[0]
+            value, stats = pointwise_loss(scores, batch["labels"].to(dev))
+            return value * n, n, {**stats, **tokens}
+        P = batch["n_pairs"]
+        if loss == "pointwise":
+            labels = torch.cat([torch.ones(P), torch.zeros(P)]).to(dev)
+            value, stats = pointwise_loss(scores, labels)
+            return value * 2 * P, 2 * P, {**stats, **tokens}
+        rc, rr = scores[:P], scores[P:]
+        margin = batch["margin"].to(dev) if batch.get("margin") is not None else None
+        if loss == "pairwise":
+            value, stats = pairwise_loss(rc, rr, margin)
+        else:
+            value, stats = logexpwithlm_loss(rc, rr, chosen_lm_nll(model, h, batch).mean(), lm_coef, margin)
+        return value * P, P, {**stats, **tokens}
+
+    return objective
+
+
+# ----------------------------------------------------------------------------- held-out evaluation
+
+@torch.no_grad()
+def score_dataset(model: nn.Module, dataset: PairDataset, max_batch_size: int, reduce: str = "last",
+                  packing: bool = False) -> tuple[list[float], list[float]]:
+    """Scores of every unit of `dataset` (all ranks get all): pairwise -> (chosen, rejected)
+    scores per pair; pointwise -> (scores, labels). DP replicas score strided slices."""
+    was_training = model.training
+    model.eval()
+    mine = list(range(parallel.dp_rank(), len(dataset), parallel.dp_size()))
+    local: list[tuple[int, float, float]] = []
+    for s in range(0, len(mine), max_batch_size):
+        idx = mine[s:s + max_batch_size]
+        batch = dataset.collate(idx, 0, packing and dataset.kind == "pairwise")
+        with autocast():
+            sc = batch_scores(model, batch, reduce).float().cpu()
+        if dataset.kind == "pairwise":
+            P = len(idx)
+            local += [(i, float(sc[k]), float(sc[P + k])) for k, i in enumerate(idx)]
+        else:
+            local += [(i, float(sc[k]), float(batch["labels"][k])) for k, i in enumerate(idx)]
+    model.train(was_training)
+    rows = sorted(r for part in parallel.all_gather_objects(local) for r in part)
+    return [r[1] for r in rows], [r[2] for r in rows]
+
+
+def pair_metrics(dataset: PairDataset, a: list[float], b: list[float], prefix: str = "eval/") -> dict:
+    """Pairwise: accuracy (chosen scored above rejected), mean margin, reward mean / std.
+    Pointwise (a = scores, b = labels): accuracy at threshold 0, reward mean / std."""
+    if dataset.kind == "pairwise":
+        diffs = [c - r for c, r in zip(a, b)]
+        everything = a + b
+        acc = sum(d > 0 for d in diffs) / len(diffs)
+        extra = {"margin": sum(diffs) / len(diffs), "chosen_reward": sum(a) / len(a),
+                 "rejected_reward": sum(b) / len(b)}
+    else:
+        everything = a
+        acc = sum((s > 0) == (y > 0.5) for s, y in zip(a, b)) / len(a)
+        extra = {}
+    mean = sum(everything) / len(everything)
+    std = math.sqrt(sum((x - mean) ** 2 for x in everything) / len(everything))
+    out = {"accuracy": acc, **extra, "reward_mean": mean, "reward_std": std, "n": len(a)}
+    return {prefix + k: v for k, v in out.items()}
+
+
+def evaluate_verifier(model: nn.Module, dataset: PairDataset, max_batch_size: int, reduce: str = "last",
+                      packing: bool = False, prefix: str = "eval/") -> dict:
+    a, b = score_dataset(model, dataset, max_batch_size, reduce, packing)
+    return pair_metrics(dataset, a, b, prefix)
+
+
+# ----------------------------------------------------------------------------- trainer & setup
+
+class VerifierTrainer(Trainer):
+    """The shared Trainer; with LoRA it also keeps the (fully trained) reward head in the
+    state files, since LoRA checkpoints restore only adapters onto the loaded base."""
+
+    def _extra_trainable(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.model.named_parameters()
+                if p.requires_grad and not n.endswith(("lora_A", "lora_B"))}
+
+    def state_dict(self) -> dict:
+        st = super().state_dict()
+        if self.is_lora:
+            st["extra_trainable"] = {n: p.detach().cpu().clone() for n, p in self._extra_trainable().items()}
+        return st
+
+    def load(self, path: str) -> None:
+        super().load(path)
+        if self.is_lora:
+            st = torch.load(os.path.join(path, f"state.{parallel.rank():02d}.pth"), map_location="cpu",
+                            weights_only=False, mmap=True)
+            with torch.no_grad():
+                for n, p in self._extra_trainable().items():
+                    p.copy_(st["extra_trainable"][n])
+
+
+def load_for_training(ckpt_dir: str, model_type: Optional[str], tokenizer_path: Optional[str], seed: int,
+                      role: str = "solver", flag: str = "--ckpt_dir"):
+    """Initialise the TP x DP world from `ckpt_dir`'s shard count; (model, tokenizer, tokenizer source)."""
+    from ..checkpoint import find_tokenizer, load_model, shard_files
+    from ..tokenizers import load_tokenizer
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(f"{flag} {ckpt_dir}: no such directory")
+    n_shards = len(shard_files(ckpt_dir))
+    if n_shards == 0:
+        raise ValueError(f"{flag} {ckpt_dir}: no consolidated.NN.pth files (run checkpoint_split.py first)")
+    parallel.init(tp=n_shards)
+    tok_src = tokenizer_path or find_tokenizer(ckpt_dir)
+    if tok_src is None:
+        raise FileNotFoundError(f"{flag} {ckpt_dir}: no tokenizer.model / tokenizer.json (pass --tokenizer_path)")
+    tokenizer = load_tokenizer(tok_src)
+    torch.manual_seed(seed)
+    model = load_model(ckpt_dir, model_type, parallel.device(), torch.float32, role=role)
+    if model.args.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"tokenizer {tok_src} has {tokenizer.vocab_size} tokens but the model's vocabulary is "
+                         f"{model.args.vocab_size}")
+    return model, tokenizer, tok_src
+
+
+def check_common(max_batch_size: int, max_seq_len: int, save_steps: int, lora_rank: Optional[int]) -> None:
+    if max_batch_size < 1:
+        raise ValueError(f"--max_batch_size must be >= 1, got {max_batch_size}")
+    if max_seq_len < 2:
+        raise ValueError(f"--max_seq_len must be >= 2, got {max_seq_len}")
+    if save_steps < 0:
+        raise ValueError(f"--save_steps must be >= 0, got {save_steps}")
+    if lora_rank is not None and lora_rank == 0:
+        raise ValueError("--lora_rank must be > 0 (LoRA) or -1 (full fine-tuning), got 0")
+
+
+def setup_verifier(ckpt_dir: str, save_dir: str, train_file: str, model_type: Optional[str] = None,
+                   max_batch_size: int = 6, loss: str = "pairwise", lm_coef: float = 0.0, reduce: str = "last",
+                   packing: bool = False, label_file: Optional[str] = None, lora_rank: int = -1,
+                   lora_alpha: Optional[float] = None, epochs: int = 1, lr: float = 1e-5, max_seq_len: int = 512,
+                   accumulation_steps: int = 1, seed: int = 0, save_steps: int = 0, resume: bool = False,
+                   warmup_steps: int = 0, max_steps: int = -1, log_steps: int = 1,
+                   gradient_checkpointing: bool = False, schedule: str = "cosine", weight_decay: float = 0.0,
+                   max_grad_norm: float = 1.0, tokenizer_path: Optional[str] = None,
+                   eval_batch_size: Optional[int] = None, peak_flops: Optional[float] = None,
+                   progress: bool = True) -> VerifierTrainer:
+    """Load solver + data, attach the head (+ LoRA), build the Trainer (with held-out eval)."""
+    from .. import lora as lora_mod
+    from ..models import attach_reward_head
+    log = get_logger()
+    objective = verifier_objective(loss, lm_coef, reduce)  # validates --loss / --reduce
+    check_common(max_batch_size, max_seq_len, save_steps, lora_rank)
+    if lm_coef < 0 or (loss != "logexpwithlm" and lm_coef):
+        raise ValueError(f"--lm_coef {lm_coef}: must be >= 0 and applies to --loss logexpwithlm only")
+    model, tokenizer, tok_src = load_for_training(ckpt_dir, model_type, tokenizer_path, seed, role="solver")
+    train = load_pair_dataset(train_file, tokenizer, max_seq_len)
+    held_out = load_pair_dataset(label_file, tokenizer, max_seq_len) if label_file else None
+    if train.kind == "pointwise" and loss != "pointwise":
+        raise ValueError(f"{train_file} holds pointwise records (output, label); they need --loss pointwise")
+    attach_reward_head(model, seed)
+    if lora_rank is not None and lora_rank > 0:
+        lora_mod.apply_lora(model, lora_rank, lora_alpha, seed=seed)
+        model.reward_head.requires_grad_(True)  # the new head always trains fully
+        log.info(f"LoRA rank {lora_rank} + reward head: "
+                 f"{parallel.param_count(model, trainable_only=True) / 1e6:.3f}M trainable params")
+    cfg = TrainConfig(save_dir=save_dir, micro_batch_size=max_batch_size, accumulation_steps=accumulation_steps,
+                      epochs=epochs, max_steps=max_steps, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
+                      schedule=schedule, max_grad_norm=max_grad_norm, seed=seed, save_steps=save_steps,
+                      log_steps=log_steps, resume=resume, gradient_checkpointing=gradient_checkpointing,
+                      tokenizer_src=tok_src, peak_flops=peak_flops, progress=progress,
+                      plot_keys=("loss", "accuracy", "margin"),
+                      extra_state={"train_file": os.path.abspath(train_file), "ckpt_dir": os.path.abspath(ckpt_dir),
+                                   "loss": loss, "lm_coef": lm_coef, "reduce": reduce, "packing": packing,
+                                   "max_seq_len": max_seq_len, "lora_rank": lora_rank})
+    use_packing = packing and train.kind == "pairwise"
+
+    def collate(indices: list[int], epoch: int, _ds=train) -> dict:
+        return _ds.collate(indices, epoch, use_packing)
+
+    trainer = VerifierTrainer(model, objective, len(train), collate, cfg)
+    trainer.dataset, trainer.held_out, trainer.tokenizer = train, held_out, tokenizer
+    if held_out is not None:
+        bs = eval_batch_size or max_batch_size
+        trainer.eval_fn = lambda tr: evaluate_verifier(tr.model, held_out, bs, reduce, use_packing)
+    return trainer
+
+
+def train_verifier(**kwargs) -> Optional[str]:
+    """`verifier_train.py`: train a verifier, checkpoint, log; returns the last checkpoint dir."""
+    return setup_verifier(**kwargs).fit()
+
+
+__all__ = ["LOSSES", "REDUCES", "VerifierTrainer", "batch_scores", "chosen_lm_nll", "evaluate_verifier",
+           "forward_hidden", "load_for_training", "pair_metrics", "score_dataset", "scores_from_hidden",
+           "setup_verifier", "train_verifier", "verifier_objective"]
