@@ -1,0 +1,216 @@
+"""`make demo`: the whole RLHF pipeline on a tiny model, through the real entry scripts.
+
+    data + tokenizer + tiny Llama -> checkpoint_split (TP=2) -> solver_train (SFT)
+    -> solver_evaluate (greedy) -> K samples -> make_pairs -> verifier_train
+    -> ppo_train (critic and reward from the verifier) -> solver_evaluate again
+    -> best-of-K with the verifier -> summary table + curves
+
+Every stage runs under `torchrun --nproc_per_node 2`; step counts are fixed (not
+wall-clock budgets) so every machine lands in the same place for a seed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import fire
+
+from .log import get_logger
+from .trainers.base import latest_checkpoint
+
+log = get_logger(__name__)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@dataclass
+class DemoConfig:
+    seed: int = 0
+    nproc: int = 2
+    n_train: int = 4000
+    n_test: int = 500
+    vocab_size: int = 512
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    sft_steps: int = 500
+    sft_lr: float = 2e-3
+    sft_batch: int = 32
+    samples: int = 4  # K for pairs, pass@K and best-of-K
+    pair_questions: int = 800
+    verifier_epochs: int = 2
+    verifier_lr: float = 5e-4
+    ppo_rounds: int = 20
+    ppo_buffer: int = 64
+    ppo_samples: int = 4
+    ppo_estimator: str = "gae"
+    ppo_reward: str = "rm"
+    ppo_actor_lr: float = 2e-5
+    ppo_critic_lr: float = 1e-4
+    ppo_kl: float = 0.02
+    ppo_t: float = 0.7
+    max_new_tokens: int = 64
+    run_dir: Optional[str] = None
+    times: dict = field(default_factory=dict)
+
+
+class Pipeline:
+    def __init__(self, cfg: DemoConfig):
+        self.cfg = cfg
+        self.run = cfg.run_dir or os.path.join(ROOT, "runs", f"demo-{time.strftime('%Y%m%d-%H%M%S')}-s{cfg.seed}")
+        self.data = os.path.join(self.run, "data")
+        os.makedirs(self.data, exist_ok=True)
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.run, *parts)
+
+    def torchrun(self, stage: str, script: str, **flags) -> None:
+        """Run one entry script under torchrun; its output goes to runs/.../logs/STAGE.log."""
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={self.cfg.nproc}",
+               "--master_port", str(29500 + self.cfg.seed % 100), os.path.join(ROOT, script)]
+        for k, v in flags.items():
+            cmd += [f"--{k}", str(v)]
+        self._run(stage, cmd)
+
+    def python(self, stage: str, script: str, **flags) -> None:
+        cmd = [sys.executable, os.path.join(ROOT, script)] + [a for k, v in flags.items() for a in (f"--{k}", str(v))]
+        self._run(stage, cmd)
+
+    def _run(self, stage: str, cmd: list[str]) -> None:
+        os.makedirs(self.path("logs"), exist_ok=True)
+        logfile = self.path("logs", f"{stage}.log")
+        log.info(f"[{stage}] {' '.join(os.path.relpath(c, ROOT) if c.startswith(ROOT) else c for c in cmd[2:])}")
+        t0 = time.perf_counter()
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // self.cfg.nproc))}
+        with open(logfile, "a") as f:
+            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        self.cfg.times[stage] = self.cfg.times.get(stage, 0.0) + time.perf_counter() - t0
+        if proc.returncode != 0:
+            tail = open(logfile).read().splitlines()[-15:]
+            raise RuntimeError(f"stage {stage} failed (exit {proc.returncode}); see {logfile}:\n" + "\n".join(tail))
+
+    # ------------------------------------------------------------------ stages
+
+    def prepare(self) -> None:
+        """Synthetic GSM8K-format data, a SentencePiece tokenizer and a random tiny Llama (TP=1)."""
+        from .checkpoint import save_meta
+        from .data.records import load_records
+        from .data.synthetic import write_synthetic
+        from .models import ModelArgs, build_model
+        from .tokenizers import load_tokenizer, train_sentencepiece
+        c, t0 = self.cfg, time.perf_counter()
+        write_synthetic(self.data, c.n_train, c.n_test, seed=c.seed)
+        records = load_records(os.path.join(self.data, "train.json"), ("instruction", "output"))
+        texts = [r["instruction"] + "\n" + r["output"][0] for r in records]
+        sp = train_sentencepiece(texts, os.path.join(self.data, "tokenizer"), c.vocab_size)
+        args = ModelArgs(family="llama", dim=c.dim, n_layers=c.n_layers, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads,
+                         hidden_dim=(c.dim * 8 // 3 + 7) // 8 * 8, vocab_size=load_tokenizer(sp).vocab_size,
+                         max_seq_len=256)
+        model = build_model(args, init_seed=c.seed)
+        save_meta(model.state_dict(), args, self.path("init"), n=1, tokenizer_src=sp)
+        with open(os.path.join(self.data, "pair_questions.json"), "w") as f:
+            json.dump(records[:c.pair_questions], f)
+        c.times["prepare"] = time.perf_counter() - t0
+
+    def sft(self) -> str:
+        c = self.cfg
+        self.python("split", "checkpoint_split.py", ckpt_file=self.path("init"), save_path=self.path("init-tp2"), n=2)
+        self.torchrun("sft", "solver_train.py", ckpt_dir=self.path("init-tp2"), save_dir=self.path("sft"),
+                      train_file=os.path.join(self.data, "train.json"), max_batch_size=c.sft_batch, lr=c.sft_lr,
+                      max_steps=c.sft_steps, warmup_steps=20, epochs=100, seed=c.seed, log_steps=25,
+                      max_seq_len=128)
+        return latest_checkpoint(self.path("sft"))[0]
+
+    def evaluate(self, stage: str, ckpt: str, label_file: str, **flags) -> dict:
+        out = self.path(stage)
+        self.torchrun(stage, "solver_evaluate.py", task="GSM8K", ckpt_dir=ckpt, log_dir=out, label_file=label_file,
+                      max_batch_size=250, max_new_tokens=self.cfg.max_new_tokens, seed=self.cfg.seed, **flags)
+        with open(os.path.join(out, "results.json")) as f:
+            return json.load(f)
+
+    def verifier(self, sft_ckpt: str) -> str:
+        c = self.cfg
+        self.evaluate("sample-pairs", sft_ckpt, os.path.join(self.data, "pair_questions.json"),
+                      num_samples=c.samples, t=1.0)
+        self.python("make-pairs", "dataset/make_pairs.py", results=self.path("sample-pairs", "results.json"),
+                    dst=os.path.join(self.data, "pairs.json"))
+        self.torchrun("verifier", "verifier_train.py", ckpt_dir=sft_ckpt, save_dir=self.path("verifier"),
+                      train_file=os.path.join(self.data, "pairs.json"), max_batch_size=16, lr=c.verifier_lr,
+                      epochs=c.verifier_epochs, warmup_steps=10, seed=c.seed, log_steps=10, max_seq_len=160)
+        return latest_checkpoint(self.path("verifier"))[0]
+
+    def ppo(self, sft_ckpt: str, verifier_ckpt: str) -> str:
+        c = self.cfg
+        self.torchrun("ppo", "ppo_train.py", actor_ckpt_dir=sft_ckpt, actor_save_dir=self.path("ppo-actor"),
+                      critic_ckpt_dir=verifier_ckpt, critic_save_dir=self.path("ppo-critic"),
+                      reward_model_ckpt_dir=verifier_ckpt, train_file=os.path.join(self.data, "train.json"),
+                      reward=c.ppo_reward, estimator=c.ppo_estimator, num_samples=c.ppo_samples,
+                      max_batch_size=min(64, c.ppo_buffer), max_buffer_size=c.ppo_buffer, max_rounds=c.ppo_rounds,
+                      actor_lr=c.ppo_actor_lr, critic_lr=c.ppo_critic_lr, kl_coef=c.ppo_kl, t=c.ppo_t,
+                      max_new_tokens=c.max_new_tokens, seed=c.seed)
+        return self.path("ppo-actor", f"round-{c.ppo_rounds}")
+
+    # ------------------------------------------------------------------ report
+
+    def summary(self, sft: dict, ppo: dict, bon: dict) -> str:
+        c, t = self.cfg, self.cfg.times
+        k = c.samples
+        rows = [
+            ("SFT greedy accuracy", sft["accuracy"], t.get("prepare", 0) + t.get("split", 0) + t.get("sft", 0)),
+            ("SFT evaluation", None, t.get("eval-sft", 0)),
+            ("verifier (samples, pairs, training)", None,
+             t.get("sample-pairs", 0) + t.get("make-pairs", 0) + t.get("verifier", 0)),
+            ("PPO greedy accuracy", ppo["accuracy"], t.get("ppo", 0) + t.get("eval-ppo", 0)),
+            (f"verifier best-of-{k} accuracy", bon["verifier_accuracy"], t.get("best-of-k", 0)),
+            (f"majority vote of {k}", bon["majority_accuracy"], None),
+            (f"pass@{k} (oracle)", bon["oracle_accuracy"], None),
+        ]
+        lines = [f"# llama_rlhf demo (seed {c.seed})", "",
+                 f"Held-out split: {sft['total']} problems. PPO gain over SFT: "
+                 f"{100 * (ppo['accuracy'] - sft['accuracy']):+.1f} points.", "",
+                 "| stage | accuracy | wall time |", "|---|---|---|"]
+        for name, acc, secs in rows:
+            lines.append(f"| {name} | {'' if acc is None else f'{100 * acc:.1f}%'} | "
+                         f"{'' if secs is None else f'{secs:.0f} s'} |")
+        lines += ["", f"Total wall time: {sum(t.values()):.0f} s", "",
+                  "![SFT loss](sft_loss.png) ![verifier](verifier.png) ![PPO](ppo.png)"]
+        return "\n".join(lines) + "\n"
+
+    def curves(self) -> None:
+        from .metrics import plot_metrics
+        for metrics, keys, png in ((("sft",), ["loss"], "sft_loss.png"),
+                                   (("verifier",), ["heldout/accuracy", "loss"], "verifier.png"),
+                                   (("ppo-actor",), ["reward/mean", "kl"], "ppo.png")):
+            path = self.path(*metrics, "metrics.jsonl")
+            if os.path.exists(path):
+                plot_metrics(path, keys, self.path(png))
+
+
+def main(seed: int = 0, gsm8k: Optional[str] = None, run_dir: Optional[str] = None, **overrides) -> None:
+    """Run the demo; `--gsm8k DIR` uses the real GSM8K files instead of the synthetic task."""
+    if gsm8k:
+        raise SystemExit("make demo GSM8K=... : see README 'Real GSM8K' (needs GPUs and a pretrained model)")
+    cfg = DemoConfig(seed=seed, run_dir=run_dir, **overrides)
+    pipe = Pipeline(cfg)
+    pipe.prepare()
+    sft_ckpt = pipe.sft()
+    test = os.path.join(pipe.data, "test.json")
+    sft = pipe.evaluate("eval-sft", sft_ckpt, test)
+    verifier = pipe.verifier(sft_ckpt)
+    bon = pipe.evaluate("best-of-k", sft_ckpt, test, num_samples=cfg.samples, t=1.0, verifier_ckpt_dir=verifier)
+    ppo_ckpt = pipe.ppo(sft_ckpt, verifier)
+    ppo = pipe.evaluate("eval-ppo", ppo_ckpt, test)
+    pipe.curves()
+    text = pipe.summary(sft, ppo, bon["best_of_n"])
+    with open(pipe.path("summary.md"), "w") as f:
+        f.write(text)
+    sys.stdout.write(text)
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
