@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from .placement import STRATEGIES as PLACEMENTS
+
 ESTIMATORS = ("gae", "grpo", "rloo")
 
 
@@ -56,6 +58,8 @@ class PPOConfig:
     save_buffer: bool = False
     eval_max_batch_size: int = 64
     log_samples: int = 2
+    placement: str = "flattening"  # which replicas hold which model (ppo/placement.py)
+    placement_file: Optional[str] = None  # JSON replica sets, for --placement separation
 
     def validate(self) -> None:
         if self.estimator not in ESTIMATORS:
@@ -71,5 +75,12 @@ class PPOConfig:
             raise ValueError(f"--estimator {self.estimator} needs --num_samples >= 2")
         if "rm" in self.reward and not self.reward_model_ckpt_dir:
             raise ValueError(f"--reward {self.reward} needs --reward_model_ckpt_dir")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"--placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        if self.placement == "separation" and not self.placement_file:
+            raise ValueError("--placement separation needs --placement_file (JSON: model -> replica list)")
+        if self.placement_file and self.placement != "separation":
+            raise ValueError(f"--placement_file is only read by --placement separation, "
+                             f"got --placement {self.placement}")
         if self.kl_in not in ("reward", "loss"):
             raise ValueError(f"--kl_in must be 'reward' or 'loss', got {self.kl_in!r}")

@@ -3,6 +3,12 @@
 One round: actor generates -> reference log-probs -> rewards -> critic values ->
 advantages -> actor updates -> critic updates. Each phase needs one model; with
 offloading only that model sits on the accelerator, the others wait on the CPU.
+
+`run_round` is flattening (every model on every replica, this replica's slice of the
+prompts). `run_placed_round` runs the same phases under a `Placement`: the round's data is
+cut into one shard per replica exactly as flattening cuts it, each phase runs on the shards
+its replica set owns (`placement.shards`), and `parallel` moves rollouts and scores between
+replica sets, so every shard is computed exactly as flattening computes it.
 """
 from __future__ import annotations
 
@@ -21,14 +27,19 @@ from .advantages import AdaptiveKLController, FixedKLController, gae, grpo_advan
 from .buffer import RolloutBuffer
 from .config import PPOConfig
 from .losses import policy_loss, value_loss
+from .placement import Placement
 from .rewards import combine_rewards, rule_rewards
+from .timeline import Timeline
 
 
 class PPOModels:
     """The four models and the two optimizers; `phase(model)` puts one on the accelerator."""
 
-    def __init__(self, actor, reference, critic, reward, actor_opt, critic_opt, offload: bool):
+    def __init__(self, actor, reference, critic, reward, actor_opt, critic_opt, offload: bool, generator_model=None):
+        # A model not placed on this replica is None; `generator_model` is a sampling-only
+        # copy of the actor on a generator replica (separation).
         self.actor, self.reference, self.critic, self.reward = actor, reference, critic, reward
+        self.generator_model = generator_model
         self.actor_opt, self.critic_opt = actor_opt, critic_opt
         self.offload = offload
         self.device = parallel.device()
@@ -56,26 +67,37 @@ def _move(model, optimizer, device: torch.device) -> None:
 
 
 class PPOTrainer:
-    def __init__(self, cfg: PPOConfig, models: PPOModels, tokenizer, actor_scheduler=None, critic_scheduler=None):
+    def __init__(self, cfg: PPOConfig, models: PPOModels, tokenizer, actor_scheduler=None, critic_scheduler=None,
+                 placement: Optional[Placement] = None, groups=None):
         self.cfg, self.m, self.tok = cfg, models, tokenizer
         self.actor_sched, self.critic_sched = actor_scheduler, critic_scheduler
-        self.kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target
-                       else FixedKLController(cfg.kl_coef))
-        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.placement, self.groups = placement, groups
+        # Per-shard state a flattening replica carries between rounds (minibatch order, KL
+        # coefficient). Flattening has one shard per replica; placed rounds keep every
+        # shard's copy on every replica, so any replica can run any shard exactly.
+        n = 1 if placement is None or placement.is_flat else placement.num_replicas
+        self.generators = [torch.Generator().manual_seed(cfg.seed) for _ in range(n)]
+        self.kl_ctls = [AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target
+                        else FixedKLController(cfg.kl_coef) for _ in range(n)]
+        own = parallel.dp_rank() if n > 1 else 0
+        self.generator, self.kl_ctl = self.generators[own], self.kl_ctls[own]
+        self.timeline = Timeline()
         self.round = 0
 
     # ------------------------------------------------------------------ phases
 
     @torch.no_grad()
-    def rollout(self, records: list[dict], prompts: list[list[int]]) -> RolloutBuffer:
-        """Actor samples `num_samples` responses per prompt (tokens + sampler log-probs)."""
+    def rollout(self, records: list[dict], prompts: list[list[int]], model=None) -> RolloutBuffer:
+        """Actor (or its generator copy) samples `num_samples` responses per prompt."""
         cfg, k = self.cfg, self.cfg.num_samples
         rep_prompts = [p for p in prompts for _ in range(k)]
         labels = [r.get("label") for r in records for _ in range(k)]
         tokens, logps, finished = [], [], []
-        with self.m.phase(self.m.actor) as actor:
+        with self.m.phase(model or self.m.actor) as actor:
             actor.eval()
             for s in range(0, len(rep_prompts), cfg.max_batch_size):
+                # The seed depends on the round and the offset in the shard only, so a shard
+                # samples the same tokens on whichever replica generates it.
                 out = generate(actor, rep_prompts[s:s + cfg.max_batch_size], cfg.max_new_tokens,
                                eos_id=self.tok.eos_id, temperature=cfg.t, top_p=cfg.p, top_k=cfg.top_k,
                                seed=cfg.seed * 100003 + self.round * 1009 + s, max_seq_len=cfg.max_seq_len)
@@ -92,16 +114,35 @@ class PPOTrainer:
     @torch.no_grad()
     def score(self, buf: RolloutBuffer) -> None:
         """Reference log-probs, reward-model scores and critic values, one model at a time."""
-        cfg = self.cfg
+        tl = self.timeline
         buf.logprobs = buf.generation_logprobs()
-        buf.ref_logprobs = self._per_token(self.m.reference, buf, lambda m, b: action_logprobs(m, b))
+        with tl.span("reference"):
+            buf.ref_logprobs = self.reference_logprobs(buf)
         rm = None
-        if "rm" in cfg.reward:
-            rm = self._per_row(self.m.reward, buf, lambda m, b: sequence_scores(m, b, cfg.reduce))
+        if "rm" in self.cfg.reward:
+            with tl.span("reward"):
+                rm = self.reward_scores(buf)
+        buf.scores = self.combine_scores(buf, rm)
+        if self.cfg.estimator == "gae":
+            with tl.span("values"):
+                buf.values = self.critic_values(buf)
+
+    @torch.no_grad()
+    def reference_logprobs(self, buf: RolloutBuffer) -> torch.Tensor:
+        return self._per_token(self.m.reference, buf, lambda m, b: action_logprobs(m, b))
+
+    @torch.no_grad()
+    def reward_scores(self, buf: RolloutBuffer) -> torch.Tensor:
+        return self._per_row(self.m.reward, buf, lambda m, b: sequence_scores(m, b, self.cfg.reduce))
+
+    @torch.no_grad()
+    def critic_values(self, buf: RolloutBuffer) -> torch.Tensor:
+        return self._per_token(self.m.critic, buf, action_values)
+
+    def combine_scores(self, buf: RolloutBuffer, rm: Optional[torch.Tensor]) -> torch.Tensor:
+        cfg = self.cfg
         rule = rule_rewards(buf.texts, buf.labels) if "rule" in cfg.reward else None
-        buf.scores = combine_rewards(cfg.reward, rm, rule, buf.finished, cfg.unfinished_penalty)
-        if cfg.estimator == "gae":
-            buf.values = self._per_token(self.m.critic, buf, action_values)
+        return combine_rewards(cfg.reward, rm, rule, buf.finished, cfg.unfinished_penalty)
 
     def _batches(self, buf: RolloutBuffer) -> Iterator[tuple[list[int], object]]:
         dev = self.m.device
@@ -128,11 +169,11 @@ class PPOTrainer:
                     out[idx] = fn(mdl, batch).float().cpu()
         return out
 
-    def advantages(self, buf: RolloutBuffer) -> dict:
+    def advantages(self, buf: RolloutBuffer, kl_ctl=None) -> dict:
         """KL-shaped rewards and GAE (or group-relative advantages), on action positions."""
-        cfg = self.cfg
+        cfg, kl_ctl = self.cfg, kl_ctl or self.kl_ctl
         mask = buf.batch(list(range(len(buf))), self.tok.pad_id).action_mask
-        kl_coef = self.kl_ctl.value if cfg.kl_in == "reward" else 0.0
+        kl_coef = kl_ctl.value if cfg.kl_in == "reward" else 0.0
         buf.rewards, kl_stats = kl_penalized_rewards(buf.scores, buf.logprobs, buf.ref_logprobs, mask,
                                                   kl_coef, cfg.kl_estimator)
         if cfg.estimator == "gae":
@@ -144,72 +185,238 @@ class PPOTrainer:
         if cfg.whiten_advantages:
             buf.advantages = masked_whiten(buf.advantages, mask)
         # KL per response (summed over its tokens), averaged over the buffer.
-        return {"kl": kl_stats["kl"].item(), "kl_coef": self.kl_ctl.value}
+        return {"kl": kl_stats["kl"].item(), "kl_coef": kl_ctl.value}
 
     # ------------------------------------------------------------------ updates
 
+    def _orders(self, generator: torch.Generator, n: int) -> list[list[int]]:
+        """Every minibatch of every inner epoch, drawn up front: the same draws, in the same
+        order, as drawing each epoch's permutation when it starts."""
+        size, out = self.cfg.max_batch_size, []
+        for _ in range(self.cfg.inner_epochs):
+            order = torch.randperm(n, generator=generator).tolist()
+            out += [order[s:s + size] for s in range(0, n, size)]
+        return out
+
+    def _step(self, model, optimizer, scheduler, replicas: Optional[tuple[int, ...]]) -> float:
+        """Gradients summed over the model's replicas, scaled by 1 / shards (= DP size under
+        flattening), clipped, stepped. `replicas` None: flattening's all-replica reduce."""
+        if replicas is None:
+            return optim_step(model, optimizer, scheduler, self.cfg.max_grad_norm,
+                              grad_scale=1.0 / parallel.dp_size())
+        parallel.all_reduce_grads_over(self.groups, model, replicas)
+        return optim_step(model, optimizer, scheduler, self.cfg.max_grad_norm, reduce=False,
+                          grad_scale=1.0 / parallel.dp_size())
+
     def train_actor(self, buf: RolloutBuffer) -> dict:
-        cfg, stats, first = self.cfg, {}, None
+        return self._train_actor([(buf, self._orders(self.generator, len(buf)), self.kl_ctl.value)], None)
+
+    def _train_actor(self, jobs: list[tuple[RolloutBuffer, list[list[int]], float]],
+                     replicas: Optional[tuple[int, ...]]) -> dict:
+        """One optimizer step per minibatch index; each job (shard buffer, minibatch order, KL
+        coefficient) adds its minibatch's gradient. Stats come from the first job."""
+        stats, first = {}, None
         with self.m.phase(self.m.actor, self.m.actor_opt) as actor:
             actor.train()
-            for _ in range(cfg.inner_epochs):
-                for idx in buf.minibatches(cfg.max_batch_size, self.generator):
-                    batch = buf.batch(idx, self.tok.pad_id).to(self.m.device)
-                    w = batch.action_mask.shape[1]
-                    with autocast():
-                        logps, ent = action_logprobs(actor, batch, with_entropy=True)
-                    dev = self.m.device
-                    loss, s = policy_loss(
-                        logps, buf.logprobs[idx, :w].to(dev), buf.advantages[idx, :w].to(dev), batch.action_mask,
-                        cfg.clip_range, entropy=ent, entropy_coef=cfg.entropy_coef,
-                        ref_logprobs=buf.ref_logprobs[idx, :w].to(dev) if cfg.kl_in == "loss" else None,
-                        kl_coef=self.kl_ctl.value if cfg.kl_in == "loss" else 0.0, kl_estimator=cfg.kl_estimator)
-                    loss.backward()
-                    s["grad_norm"] = optim_step(actor, self.m.actor_opt, self.actor_sched, cfg.max_grad_norm,
-                                                 grad_scale=1.0 / parallel.dp_size())
-                    s["entropy"] = masked_mean(ent.detach(), batch.action_mask)
-                    first = first or {f"first/{k}": _f(v) for k, v in s.items() if k.startswith("ratio")}
+            for k in range(max(len(order) for _, order, _ in jobs)):
+                s = None
+                for j, (buf, order, kl_coef) in enumerate(jobs):
+                    if k < len(order):
+                        loss, sj = self._actor_loss(actor, buf, order[k], kl_coef)
+                        loss.backward()
+                        s = sj if j == 0 else s
+                norm = self._step(actor, self.m.actor_opt, self.actor_sched, replicas)
+                if s is not None:
+                    s["grad_norm"] = norm
+                    first = first or {f"first/{key}": _f(v) for key, v in s.items() if key.startswith("ratio")}
                     _accumulate(stats, s)
-        return {**_mean(stats, "actor/"), **first}
+        return {**_mean(stats, "actor/"), **(first or {})}
+
+    def _actor_loss(self, actor, buf: RolloutBuffer, idx: list[int], kl_coef: float) -> tuple[torch.Tensor, dict]:
+        cfg, dev = self.cfg, self.m.device
+        batch = buf.batch(idx, self.tok.pad_id).to(dev)
+        w = batch.action_mask.shape[1]
+        with autocast():
+            logps, ent = action_logprobs(actor, batch, with_entropy=True)
+        loss, s = policy_loss(
+            logps, buf.logprobs[idx, :w].to(dev), buf.advantages[idx, :w].to(dev), batch.action_mask,
+            cfg.clip_range, entropy=ent, entropy_coef=cfg.entropy_coef,
+            ref_logprobs=buf.ref_logprobs[idx, :w].to(dev) if cfg.kl_in == "loss" else None,
+            kl_coef=kl_coef if cfg.kl_in == "loss" else 0.0, kl_estimator=cfg.kl_estimator)
+        s["entropy"] = masked_mean(ent.detach(), batch.action_mask)
+        return loss, s
 
     def train_critic(self, buf: RolloutBuffer) -> dict:
-        cfg, stats = self.cfg, {}
-        if cfg.estimator != "gae":
+        if self.cfg.estimator != "gae":
             return {}
+        return self._train_critic([(buf, self._orders(self.generator, len(buf)))], None)
+
+    def _train_critic(self, jobs: list[tuple[RolloutBuffer, list[list[int]]]],
+                      replicas: Optional[tuple[int, ...]]) -> dict:
+        cfg, stats, dev = self.cfg, {}, self.m.device
         with self.m.phase(self.m.critic, self.m.critic_opt) as critic:
             critic.train()
-            for _ in range(cfg.inner_epochs):
-                for idx in buf.minibatches(cfg.max_batch_size, self.generator):
-                    batch = buf.batch(idx, self.tok.pad_id).to(self.m.device)
-                    w, dev = batch.action_mask.shape[1], self.m.device
+            for k in range(max(len(order) for _, order in jobs)):
+                s = None
+                for j, (buf, order) in enumerate(jobs):
+                    if k >= len(order):
+                        continue
+                    idx = order[k]
+                    batch = buf.batch(idx, self.tok.pad_id).to(dev)
+                    w = batch.action_mask.shape[1]
                     with autocast():
                         values = action_values(critic, batch)
-                    loss, s = value_loss(values, buf.values[idx, :w].to(dev), buf.returns[idx, :w].to(dev),
-                                         batch.action_mask, cfg.clip_range_value)
+                    loss, sj = value_loss(values, buf.values[idx, :w].to(dev), buf.returns[idx, :w].to(dev),
+                                          batch.action_mask, cfg.clip_range_value)
                     loss.backward()
-                    s["grad_norm"] = optim_step(critic, self.m.critic_opt, self.critic_sched, cfg.max_grad_norm,
-                                                 grad_scale=1.0 / parallel.dp_size())
+                    s = sj if j == 0 else s
+                norm = self._step(critic, self.m.critic_opt, self.critic_sched, replicas)
+                if s is not None:
+                    s["grad_norm"] = norm
                     _accumulate(stats, s)
         return _mean(stats, "critic/")
 
+    # ------------------------------------------------------------------ rounds
+
     def run_round(self, records: list[dict], prompts: list[list[int]]) -> tuple[RolloutBuffer, dict]:
+        """Flattening: every phase on this replica's own prompts, one after another."""
+        tl = self.timeline
+        tl.start_round(self.round + 1)
         times, t0 = {}, time.perf_counter()
-        buf = self.rollout(records, prompts)
+        start = t0
+        with tl.span("rollout"):
+            buf = self.rollout(records, prompts)
         times["time/rollout"], t0 = time.perf_counter() - t0, time.perf_counter()
         self.score(buf)
         times["time/score"], t0 = time.perf_counter() - t0, time.perf_counter()
-        stats = self.advantages(buf)
-        stats.update(self.train_actor(buf))
+        with tl.span("advantages"):
+            stats = self.advantages(buf)
+        with tl.span("actor"):
+            stats.update(self.train_actor(buf))
         times["time/actor"], t0 = time.perf_counter() - t0, time.perf_counter()
-        stats.update(self.train_critic(buf))
+        if self.cfg.estimator == "gae":
+            with tl.span("critic"):
+                stats.update(self.train_critic(buf))
         times["time/critic"] = time.perf_counter() - t0
+        times["time/round"] = time.perf_counter() - start
         self.kl_ctl.update(stats["kl"], len(buf))
         self.round += 1
-        lengths = torch.tensor([len(r) for r in buf.responses], dtype=torch.float)
-        stats.update(times, **{"reward/mean": buf.scores.mean().item(), "reward/std": buf.scores.std().item(),
-                               "response_length": lengths.mean().item(),
-                               "finished": buf.finished.float().mean().item()})
+        stats.update(times, **_buffer_stats(buf))
         return buf, stats
+
+    def run_placed_round(self, shards: list[tuple[list[dict], list[list[int]]]]
+                         ) -> tuple[dict[int, RolloutBuffer], dict, list[tuple[float, str]]]:
+        """One round under the placement. `shards[s]` = (records, prompts) that replica s would
+        take under flattening. Returns the shard buffers this replica trained the actor on, the
+        round's stats (shard 0's, as flattening's rank 0 reports) and shard 0's samples."""
+        P, me, tl = self.placement, parallel.dp_rank(), self.timeline
+        tl.start_round(self.round + 1)
+        t0 = time.perf_counter()
+        lengths = [len(p) * self.cfg.num_samples for _, p in shards]
+        bufs = self._placed_rollout(shards)
+        adv_stats = self._placed_scores(bufs)
+        # Every replica draws every shard's minibatch orders (actor, then critic, as flattening
+        # does), so the generators stay in step wherever the shard is trained.
+        orders = {"actor": [], "critic": []}
+        for g, n in zip(self.generators, lengths):
+            orders["actor"].append(self._orders(g, n))
+            orders["critic"].append(self._orders(g, n) if self.cfg.estimator == "gae" else [])
+        stats = self._placed_train(bufs, orders, adv_stats)
+        trained = {s: bufs[s] for s in P.shards("actor", me)}
+        shown = range(min(self.cfg.log_samples, len(trained[0]))) if 0 in trained else []
+        samples = [(float(trained[0].scores[i]), trained[0].texts[i]) for i in shown]
+        with tl.span("stats"):
+            parts = parallel.all_gather_objects({"stats": stats, "samples": samples,
+                                                 "kl": {s: adv_stats[s]["kl"] for s in trained}})
+        stats, samples, kls = {}, [], {}
+        for part in parts:
+            stats.update(part["stats"])
+            samples += part["samples"]
+            kls.update(part["kl"])
+        for s, n in enumerate(lengths):
+            self.kl_ctls[s].update(kls[s], n)
+        self.round += 1
+        stats.update({f"time/{k}": v for k, v in tl.durations().items()})
+        stats["time/round"] = time.perf_counter() - t0
+        return trained, stats, samples
+
+    def _share(self, local: dict, replicas: tuple[int, ...]) -> dict:
+        """Every member of `replicas` ends with the union of the members' `local` dicts."""
+        if len(replicas) < 2 or not parallel.member(replicas):
+            return local
+        merged: dict = {}
+        with self.timeline.span("exchange"):
+            for part in parallel.gather_objects(self.groups, local, replicas):
+                merged.update(part)
+        return merged
+
+    def _placed_rollout(self, shards: list[tuple[list[dict], list[list[int]]]]) -> dict[int, RolloutBuffer]:
+        P, me = self.placement, parallel.dp_rank()
+        local = {}
+        mine = P.shards("rollout", me)
+        if mine:
+            model = self.m.generator_model if P.generator else self.m.actor
+            with self.timeline.span("rollout"):
+                local = {s: self.rollout(*shards[s], model=model) for s in mine}
+        return self._share(local, P.rollout_exchange())
+
+    @torch.no_grad()
+    def _placed_scores(self, bufs: dict[int, RolloutBuffer]) -> dict[int, dict]:
+        """Scoring phases on their replica sets (disjoint sets at the same time), results
+        exchanged, then advantages of the shards this replica trains; returns their stats."""
+        P, me = self.placement, parallel.dp_rank()
+        out: dict = {}
+        for phase, fn in (("reference", self.reference_logprobs), ("reward", self.reward_scores),
+                          ("values", self.critic_values)):
+            mine = P.shards(phase, me)
+            if mine:
+                with self.timeline.span(phase):
+                    out.update({(phase, s): fn(bufs[s]) for s in mine})
+        got = self._share(out, P.score_exchange())
+        stats = {}
+        mine = P.advantage_shards(me)
+        if mine:
+            with self.timeline.span("advantages"):
+                for s in mine:
+                    buf = bufs[s]
+                    buf.logprobs = buf.generation_logprobs()
+                    buf.ref_logprobs = got[("reference", s)]
+                    buf.scores = self.combine_scores(buf, got.get(("reward", s)))
+                    buf.values = got.get(("values", s))
+                    stats[s] = self.advantages(buf, self.kl_ctls[s])
+        return stats
+
+    def _placed_train(self, bufs: dict[int, RolloutBuffer], orders: dict, adv_stats: dict[int, dict]) -> dict:
+        """Actor and critic updates on their replica sets (at the same time when disjoint);
+        generator copies get the new actor weights. Returns shard 0's stats if held here."""
+        P, me, stats = self.placement, parallel.dp_rank(), {}
+        mine = P.shards("actor", me)
+        if mine:
+            jobs = [(bufs[s], orders["actor"][s], self.kl_ctls[s].value) for s in mine]
+            with self.timeline.span("actor"):
+                actor_stats = self._train_actor(jobs, P.actor)
+            if mine[0] == 0:
+                stats.update(adv_stats[0])
+                stats.update(actor_stats)
+                stats.update(_buffer_stats(bufs[0]))
+        if P.generator and parallel.member(P.sync_set()):
+            with self.timeline.span("sync"):
+                model = self.m.actor if me == P.actor[0] else self.m.generator_model
+                with self.m.phase(model) as mdl:
+                    parallel.broadcast_params(self.groups, mdl, P.actor[0], P.sync_set())
+        mine = P.shards("critic", me)
+        if mine:
+            with self.timeline.span("critic"):
+                critic_stats = self._train_critic([(bufs[s], orders["critic"][s]) for s in mine], P.critic)
+            if mine[0] == 0:
+                stats.update(critic_stats)
+        return stats
+
+
+def _buffer_stats(buf: RolloutBuffer) -> dict:
+    lengths = torch.tensor([len(r) for r in buf.responses], dtype=torch.float)
+    return {"reward/mean": buf.scores.mean().item(), "reward/std": buf.scores.std().item(),
+            "response_length": lengths.mean().item(), "finished": buf.finished.float().mean().item()}
 
 
 def _f(v) -> float:
