@@ -372,15 +372,20 @@ def _check_role(args: ModelArgs, role: Optional[str], ckpt_dir: str) -> None:
                               f"a verifier checkpoint is expected here")
 
 
-def save_model(model, dst: str, tokenizer_src: Optional[str] = None, state: Optional[dict] = None) -> None:
-    """Every TP rank of replica 0 writes its shard into one temp dir, renamed by rank 0."""
+def save_model(model, dst: str, tokenizer_src: Optional[str] = None, state: Optional[dict] = None,
+               model_state: Optional[dict] = None) -> None:
+    """Every TP rank of replica 0 writes its shard into one temp dir, renamed by rank 0.
+
+    `state` (training state) goes to `state.RR.pth` of every rank; `model_state` replaces
+    `model.state_dict()` as the weights written (e.g. LoRA adapters merged in)."""
     tmp = dst + ".tmp"
     if parallel.is_main():
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     parallel.barrier()
     if parallel.dp_rank() == 0:
-        sd = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
+        weights = model.state_dict() if model_state is None else model_state
+        sd = {k: v.detach().to("cpu").clone() for k, v in weights.items()}
         torch.save(sd, os.path.join(tmp, f"consolidated.{parallel.tp_rank():02d}.pth"))
     if state is not None:
         torch.save(state, os.path.join(tmp, f"state.{parallel.rank():02d}.pth"))

@@ -1,6 +1,7 @@
 """Process-group set-up for torchrun and the rank / size queries used everywhere."""
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from typing import Any, Optional
@@ -48,10 +49,17 @@ def init(tp: Optional[int] = None) -> None:
         if backend == "nccl":
             torch.cuda.set_device(device())
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+        # gloo can abort at interpreter exit when the group is never torn down.
+        atexit.register(_shutdown)
     if not fs.model_parallel_is_initialized():
         fs.initialize_model_parallel(tp)
     elif fs.get_model_parallel_world_size() != tp:
         raise ValueError(f"already initialised with TP={fs.get_model_parallel_world_size()}, asked for {tp}")
+
+
+def _shutdown() -> None:
+    if is_distributed():
+        dist.destroy_process_group()
 
 
 def rank() -> int:

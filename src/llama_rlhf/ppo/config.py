@@ -42,7 +42,7 @@ class PPOConfig:
     kl_horizon: int = 10000
     gamma: float = 1.0
     lam: float = 0.95
-    whiten_advantages: bool = True
+    whiten_advantages: bool = True  # GAE only: group estimators are already normalised
     entropy_coef: float = 0.0
     unfinished_penalty: float = 0.0
     t: float = 1.0

@@ -182,7 +182,9 @@ class PPOTrainer:
             fn = grpo_advantages if cfg.estimator == "grpo" else rloo_advantages
             seq_adv = fn(buf.rewards.sum(1), cfg.num_samples)  # [N]: score minus KL of each response
             buf.advantages = seq_adv[:, None] * mask
-        if cfg.whiten_advantages:
+        # Group estimators are already baseline-relative; whitening them would shift the zero
+        # advantage of groups whose samples all agree and train on pure noise.
+        if cfg.whiten_advantages and cfg.estimator == "gae":
             buf.advantages = masked_whiten(buf.advantages, mask)
         # KL per response (summed over its tokens), averaged over the buffer.
         return {"kl": kl_stats["kl"].item(), "kl_coef": kl_ctl.value}

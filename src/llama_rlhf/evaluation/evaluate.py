@@ -1,0 +1,210 @@
+"""Solver evaluation (`solver_evaluate.py`): generate answers to labelled problems and score them.
+
+    torchrun --nproc_per_node N solver_evaluate.py --task GSM8K --ckpt_dir DIR --log_dir DIR \
+        --label_file test.json [--t 0.7 --num_samples 8]
+
+Records are {"instruction", "label", ...}. Data-parallel replicas take every dp_size-th
+record, each replica's tensor-parallel ranks generate together, and rank 0 writes
+`log_dir/results.json`. Prompts are `format_prompt(instruction)` (data/template.py), the
+same template the trainers use.
+
+Prompts longer than `max_seq_len - max_new_tokens` tokens are truncated from the left
+(BOS kept), so every answer gets its full token budget; the count is logged and written
+as `truncated` in results.json.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from .. import parallel
+from ..data.records import DataError, load_records, write_json_atomic
+from ..data.template import format_prompt
+from ..generation import generate
+from ..log import get_logger
+from .gsm8k import extract_answer, is_correct, majority_vote
+
+TASKS = ("GSM8K",)
+log = get_logger(__name__)
+
+
+def encode_prompts(tokenizer, instructions: list[str], max_prompt_len: int) -> tuple[list[list[int]], int]:
+    """Prompt ids of each instruction, left-truncated to `max_prompt_len` (BOS kept); and how many were cut."""
+    if max_prompt_len < 1:
+        raise ValueError(f"no room for a prompt: max_seq_len - max_new_tokens = {max_prompt_len}")
+    prompts, truncated = [], 0
+    for ins in instructions:
+        ids = tokenizer.encode(format_prompt(ins), bos=True, eos=False)
+        if len(ids) > max_prompt_len:
+            head = ids[:1] if tokenizer.bos_id is not None and ids[0] == tokenizer.bos_id and max_prompt_len > 1 else []
+            ids = head + ids[len(ids) - (max_prompt_len - len(head)):]
+            truncated += 1
+        prompts.append(ids)
+    return prompts, truncated
+
+
+def _generate(model, tokenizer, instructions: list[str], max_new_tokens: int, temperature: float, top_p: float,
+              top_k: int, num_samples: int, max_batch_size: int, seed: int, max_seq_len: Optional[int],
+              progress: bool) -> tuple[list[list[str]], int]:
+    if max_batch_size < 1:
+        raise ValueError(f"--max_batch_size must be >= 1, got {max_batch_size}")
+    if num_samples < 1:
+        raise ValueError(f"--num_samples must be >= 1, got {num_samples}")
+    limit = max_seq_len or model.args.max_seq_len
+    if max_new_tokens >= limit:
+        raise ValueError(f"--max_new_tokens {max_new_tokens} leaves no room for a prompt in --max_seq_len {limit}")
+    prompts, truncated = encode_prompts(tokenizer, instructions, limit - max_new_tokens)
+    # Longest prompts first (less padding per batch, and an out-of-memory shows up at once);
+    # the K samples of a prompt are neighbours, so they share a batch.
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    rows = [(i, k) for i in order for k in range(num_samples)]
+    texts: list[list[str]] = [[""] * num_samples for _ in prompts]
+    from tqdm import tqdm
+    bar = tqdm(total=len(rows), desc="generating", unit="seq", disable=not (progress and parallel.is_main()))
+    for b, start in enumerate(range(0, len(rows), max_batch_size)):
+        chunk = rows[start:start + max_batch_size]
+        out = generate(model, [prompts[i] for i, _ in chunk], max_new_tokens, tokenizer.eos_id,
+                       temperature=temperature, top_p=top_p, top_k=top_k, seed=seed + b, max_seq_len=limit)
+        for (i, k), toks in zip(chunk, out.tokens):
+            texts[i][k] = tokenizer.decode(toks)
+        bar.update(len(chunk))
+    bar.close()
+    return texts, truncated
+
+
+def generate_texts(model, tokenizer, instructions: list[str], max_new_tokens: int, temperature: float = 0.0,
+                   top_p: float = 1.0, top_k: int = 0, num_samples: int = 1, max_batch_size: int = 64,
+                   seed: int = 0, max_seq_len: Optional[int] = None) -> list[list[str]]:
+    """Per instruction, `num_samples` generated answer texts (EOS dropped), in input order.
+
+    Prompts are `format_prompt(instruction)` with BOS; too-long prompts are left-truncated
+    (see the module docstring). Every TP rank of a replica must call it with the same input."""
+    texts, truncated = _generate(model, tokenizer, instructions, max_new_tokens, temperature, top_p, top_k,
+                                 num_samples, max_batch_size, seed, max_seq_len, progress=False)
+    if truncated and parallel.is_main():
+        log.warning(f"{truncated} prompt(s) longer than max_seq_len - max_new_tokens were left-truncated")
+    return texts
+
+
+def score_item(instruction: str, outputs: list[str], label: str) -> dict:
+    """One record's scored result; the first output is the one `accuracy` counts."""
+    predicts = [extract_answer(t) for t in outputs]
+    item = {"instruction": instruction, "output": outputs[0], "predict": predicts[0], "label": label,
+            "correct": is_correct(predicts[0], label)}
+    if len(outputs) > 1:
+        majority = majority_vote(predicts)
+        item.update(outputs=outputs, predicts=predicts, majority=majority,
+                    majority_correct=is_correct(majority, label),
+                    any_correct=any(is_correct(p, label) for p in predicts))
+    return item
+
+
+def summarize(items: list[dict], num_samples: int, truncated: int = 0) -> dict:
+    total = len(items)
+    correct = sum(it["correct"] for it in items)
+    any_ok = sum(it.get("any_correct", it["correct"]) for it in items)
+    majority = sum(it.get("majority_correct", it["correct"]) for it in items)
+    return {"accuracy": correct / total if total else 0.0, "correct": correct, "total": total,
+            "missing": sum(it["predict"] is None for it in items), "num_samples": num_samples,
+            "pass@k": any_ok / total if total else 0.0,
+            "majority_accuracy": majority / total if total else 0.0,
+            "truncated": truncated, "items": items}
+
+
+def _check_args(task: str, max_batch_size: int, max_new_tokens: int, t: float, p: float, top_k: int,
+                num_samples: int, limit: Optional[int]) -> None:
+    if task.upper() not in TASKS:
+        raise ValueError(f"--task {task!r} is not supported; expected one of {', '.join(TASKS)}")
+    checks = [(max_batch_size >= 1, f"--max_batch_size must be >= 1, got {max_batch_size}"),
+              (max_new_tokens >= 1, f"--max_new_tokens must be >= 1, got {max_new_tokens}"),
+              (t >= 0, f"--t (temperature) must be >= 0, got {t}"),
+              (0 < p <= 1, f"--p (top-p) must be in (0, 1], got {p}"),
+              (top_k >= 0, f"--top_k must be >= 0, got {top_k}"),
+              (num_samples >= 1, f"--num_samples must be >= 1, got {num_samples}"),
+              (num_samples == 1 or t > 0, f"--num_samples {num_samples} with --t 0 (greedy) would repeat one "
+                                          f"answer; set --t > 0 to sample"),
+              (limit is None or limit >= 1, f"--limit must be >= 1, got {limit}")]
+    for ok, msg in checks:
+        if not ok:
+            raise ValueError(msg)
+
+
+def load_labelled(label_file: str, limit: Optional[int] = None) -> list[dict]:
+    """{"instruction": str, "label": str|number} records, checked, the first `limit` of them."""
+    records = load_records(label_file, required=("instruction", "label"))
+    for i, r in enumerate(records):
+        if not isinstance(r["instruction"], str) or not r["instruction"].strip():
+            raise DataError(f"{label_file}: record index {i}: 'instruction' must be a non-empty string")
+        if not isinstance(r["label"], (str, int, float)) or isinstance(r["label"], bool) or r["label"] == "":
+            raise DataError(f"{label_file}: record index {i}: 'label' must be a number or a non-empty string")
+    return records[:limit] if limit else records
+
+
+def _items(model, tokenizer, records: list[dict], t: float, p: float, num_samples: int, max_new_tokens: int,
+           top_k: int, max_batch_size: int, seed: int, max_seq_len: Optional[int]) -> tuple[list[dict], int]:
+    """Generate for every record (DP ranks take strided records) and score; identical on all ranks."""
+    mine = list(range(parallel.dp_rank(), len(records), parallel.dp_size()))
+    texts, truncated = _generate(model, tokenizer, [records[i]["instruction"] for i in mine], max_new_tokens, t, p,
+                                 top_k, num_samples, max_batch_size, seed, max_seq_len, progress=True)
+    local = [(i, score_item(records[i]["instruction"], outs, str(records[i]["label"]))) for i, outs in zip(mine, texts)]
+    gathered = parallel.all_gather_objects((local, truncated))
+    items: list = [None] * len(records)
+    for part, _ in gathered:
+        for i, item in part:
+            items[i] = item
+    return items, sum(n for _, n in gathered)
+
+
+def evaluate(ckpt_dir: str, label_file: str, log_dir: str, task: str = "GSM8K", model_type: Optional[str] = None,
+             tokenizer_file: Optional[str] = None, max_batch_size: int = 384, max_new_tokens: int = 256,
+             max_seq_len: Optional[int] = None, t: float = 0.0, p: float = 1.0, top_k: int = 0,
+             num_samples: int = 1, limit: Optional[int] = None, seed: int = 0,
+             verifier_ckpt_dir: Optional[str] = None, reduce: str = "last") -> dict:
+    """Evaluate a solver checkpoint; returns the results dict (on every rank) that rank 0 writes.
+
+    With `verifier_ckpt_dir`, the K samples of each question are also reranked by the
+    verifier: `results["best_of_n"]` has greedy, majority, best-of-K and pass@K accuracy."""
+    from ..checkpoint import load_model, shard_files
+    from .best_of_n import rerank_with_verifier
+    from ..tokenizers import load_tokenizer
+    _check_args(task, max_batch_size, max_new_tokens, t, p, top_k, num_samples, limit)
+    records = load_labelled(label_file, limit)
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(f"--ckpt_dir {ckpt_dir}: no such directory")
+    parallel.init(tp=len(shard_files(ckpt_dir)) or 1)
+    try:
+        tokenizer = load_tokenizer(tokenizer_file or ckpt_dir)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e} (pass --tokenizer_file)" if not tokenizer_file else str(e)) from None
+    model = load_model(ckpt_dir, model_type, role="solver").eval()
+    if max_seq_len is not None and max_seq_len > model.args.max_seq_len:
+        raise ValueError(f"--max_seq_len {max_seq_len} exceeds the checkpoint's max_seq_len {model.args.max_seq_len}")
+    log.info(f"evaluating {ckpt_dir} on {len(records)} records of {label_file} "
+             f"(TP {parallel.tp_size()}, DP {parallel.dp_size()}, {'greedy' if t == 0 else f't={t} p={p} top_k={top_k}'}, "
+             f"{num_samples} sample(s))")
+
+    gen = dict(max_new_tokens=max_new_tokens, top_k=top_k, max_batch_size=max_batch_size, seed=seed,
+               max_seq_len=max_seq_len)
+    items, truncated = _items(model, tokenizer, records, t=t, p=p, num_samples=num_samples, **gen)
+    results = summarize(items, num_samples, truncated)
+    if verifier_ckpt_dir:
+        if num_samples > 1:  # greedy beside the samples, so the report compares them side by side
+            greedy, _ = _items(model, tokenizer, records, t=0.0, p=1.0, num_samples=1, **gen)
+            for item, g in zip(items, greedy):
+                item["greedy"], item["greedy_correct"] = g["output"], g["correct"]
+        del model
+        results["best_of_n"] = rerank_with_verifier(verifier_ckpt_dir, items, max_batch_size, reduce)
+    results["config"] = {"task": task.upper(), "ckpt_dir": ckpt_dir, "label_file": label_file, "t": t, "p": p,
+                         "top_k": top_k, "max_new_tokens": max_new_tokens, "seed": seed}
+    if parallel.is_main():
+        if results["truncated"]:
+            log.warning(f"{results['truncated']} prompt(s) longer than max_seq_len - max_new_tokens "
+                        f"were left-truncated")
+        path = os.path.join(log_dir, "results.json")
+        write_json_atomic(results, path)
+        log.info(f"accuracy {results['accuracy']:.4f} ({results['correct']}/{results['total']}, "
+                 f"{results['missing']} without an answer)"
+                 + (f", pass@{num_samples} {results['pass@k']:.4f}, majority {results['majority_accuracy']:.4f}"
+                    if num_samples > 1 else "") + f" -> {path}")
+    parallel.barrier()
+    return results
