@@ -45,8 +45,8 @@ class DemoConfig:
     pair_questions: int = 800
     verifier_epochs: int = 2
     verifier_lr: float = 5e-4
-    ppo_rounds: int = 20
-    ppo_buffer: int = 64
+    ppo_rounds: int = 12
+    ppo_buffer: int = 32
     ppo_samples: int = 4
     ppo_estimator: str = "gae"
     ppo_reward: str = "rm"
