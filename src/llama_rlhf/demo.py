@@ -23,7 +23,7 @@ import fire
 from .log import get_logger
 from .trainers.base import latest_checkpoint
 
-log = get_logger(__name__)
+log = get_logger("llama_rlhf.demo")  # not __name__: this module also runs as __main__
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

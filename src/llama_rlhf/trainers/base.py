@@ -28,7 +28,6 @@ before the optimizer step, so no bad state is ever written.
 """
 from __future__ import annotations
 
-import glob
 import math
 import os
 import random
