@@ -52,3 +52,22 @@ def run_script(script: str, *argv: str, timeout: int = 300) -> subprocess.Comple
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, argv)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def ppo_checkpoints(root: Path, n_prompts: int) -> Path:
+    """A tiny actor (solver) and critic (verifier) at TP=1 and TP=2, a tokenizer and prompts."""
+    from llama_rlhf.checkpoint import save_meta
+    from llama_rlhf.data.records import write_json_atomic
+    from llama_rlhf.data.synthetic import make_problems
+    from llama_rlhf.models import build_model
+    from llama_rlhf.tokenizers import load_tokenizer
+    from tests.fakes import tiny_sentencepiece
+    sp = tiny_sentencepiece(root)
+    vocab = load_tokenizer(sp).vocab_size
+    for name, head, seed in (("actor", 0, 0), ("critic", 1, 1)):
+        args = preset_args("llama-tiny", vocab_size=vocab, reward_head=head)
+        model = build_model(args, init_seed=seed)
+        for n in (1, 2):
+            save_meta(model.state_dict(), args, str(root / f"{name}-tp{n}"), n=n, tokenizer_src=sp)
+    write_json_atomic(make_problems(n_prompts, seed=3), str(root / "prompts.json"))
+    return root

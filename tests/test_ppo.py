@@ -5,30 +5,16 @@ import json
 import pytest
 import torch
 
-from llama_rlhf.checkpoint import save_meta
 from llama_rlhf.data.records import write_json_atomic
-from llama_rlhf.data.synthetic import make_problems
-from llama_rlhf.models import build_model, preset_args
 from llama_rlhf.ppo.buffer import RolloutBuffer
 from llama_rlhf.ppo.config import PPOConfig
 from llama_rlhf.ppo.run import train_ppo
-from llama_rlhf.tokenizers import load_tokenizer
-from tests.fakes import tiny_sentencepiece
-from tests.helpers import ROOT, torchrun
+from tests.helpers import ROOT, ppo_checkpoints, torchrun
 
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ppo")
-    sp = tiny_sentencepiece(root)
-    vocab = load_tokenizer(sp).vocab_size
-    for name, head, seed in (("actor", 0, 0), ("critic", 1, 1)):
-        args = preset_args("llama-tiny", vocab_size=vocab, reward_head=head)
-        model = build_model(args, init_seed=seed)
-        for n in (1, 2):
-            save_meta(model.state_dict(), args, str(root / f"{name}-tp{n}"), n=n, tokenizer_src=sp)
-    write_json_atomic(make_problems(8, seed=3), str(root / "prompts.json"))
-    return root
+    return ppo_checkpoints(tmp_path_factory.mktemp("ppo"), n_prompts=8)
 
 
 def _cfg(root, tp=1, **kw) -> PPOConfig:
