@@ -22,7 +22,7 @@ test: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests
 
 demo: $(STAMP)
-	$(BIN)/python -m llama_rlhf.demo $(if $(GSM8K),--gsm8k $(GSM8K),)
+	$(BIN)/python -m llama_rlhf.demo $(if $(GSM8K),--gsm8k $(GSM8K),) $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) runs
