@@ -20,7 +20,7 @@ import torch
 
 from . import parallel
 from .models import ModelArgs, build_model, read_args, write_params
-from .models.args import ConfigError, args_from_hf_config, args_from_params, family_of, preset_args
+from .models.args import ConfigError, args_from_params, family_of
 
 # ----------------------------------------------------------------------------- the two tables
 

@@ -39,9 +39,6 @@ class RolloutBuffer:
         """Rows `idx`, padded only to their own longest row (T-1 columns sliced to match)."""
         return pair_batch([self.prompts[i] for i in idx], [self.responses[i] for i in idx], pad_id)
 
-    def rows(self, name: str, idx: list[int], width: int) -> torch.Tensor:
-        return getattr(self, name)[idx, :width]
-
     def generation_logprobs(self) -> torch.Tensor:
         """Sampler log-probs laid out on action positions [N, T-1]."""
         out = torch.zeros(len(self), self.width())
