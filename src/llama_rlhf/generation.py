@@ -124,7 +124,53 @@ def _generate(model, prompts, max_new_tokens, eos_id, temperature, top_p, top_k,
     if steps == 0:
         return Generation([[] for _ in prompts], [[] for _ in prompts], ["length"] * n)
 
-    P = max(lens)
+    P, window = max(lens), model.args.sliding_window
+    cache, key_mask, logits, additive = _prefill(model, prompts, lens, steps, eos_id, dev, dtype)
+    gen = None
+    if temperature > 0:
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(seed)
+    st = _Rows.start(lens, budgets, steps, dev)
+    sync_every = 1 if dev.type == "cpu" else 8
+    stops = _StopChecker(stop_strings, tokenizer, n) if stop_strings else None
+    fill = eos_id if eos_id >= 0 else 0
+
+    for step in range(steps):
+        nxt = sample_next(logits, temperature, top_p, top_k, gen)
+        lp = logits.gather(-1, nxt[:, None])[:, 0] - logits.logsumexp(dim=-1)
+        nxt = torch.where(st.done, fill, nxt)
+        st.record(step, nxt, lp)
+        st.update_reasons(step, nxt, eos_id, stops)
+        if step + 1 == steps:
+            break
+        if (step + 1) % sync_every == 0 or stops is not None:
+            remaining = len(st.done) - int(st.done.sum())
+            if remaining == 0:
+                break
+            if remaining <= len(st.done) // 2:  # drop the finished rows: a smaller batch and cache
+                nxt, key_mask = st.compact(nxt, key_mask, cache)
+        # ---- decode: the new token only, written to cache slot P + step
+        cur = P + step
+        h = model.hidden(nxt[:, None], positions=st.next_pos[:, None],
+                         mask=_decode_mask(key_mask, cur, window, additive), cache=cache, cache_pos=cur)
+        logits = model.output(h).float()[:, 0]
+        st.next_pos = st.next_pos + 1
+    return st.result()
+
+
+def _as_mask(allowed: torch.Tensor, additive: bool, dtype: torch.dtype) -> torch.Tensor:
+    """A bool attention mask (True = attend) as sdpa gets it: additive 0 / -inf in `dtype`, or as is."""
+    if not additive:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+
+def _prefill(model, prompts, lens: list[int], steps: int, eos_id: int, dev: torch.device, dtype: torch.dtype):
+    """Run the left-padded prompt block into a fresh cache of max(lens) + steps slots.
+
+    Returns (cache, key_mask [B, S] for the decode steps, logits [B, V] of each row's last
+    prompt position, additive: whether masks are additive floats rather than bools)."""
+    n, P = len(prompts), max(lens)
     S = P + steps  # cache slots: slot j of row i holds position j - pad_i
     pads = torch.tensor([P - L for L in lens], device=dev)
     tokens = torch.full((n, P), eos_id if eos_id >= 0 else 0, dtype=torch.long)
@@ -139,94 +185,101 @@ def _generate(model, prompts, max_new_tokens, eos_id, temperature, top_p, top_k,
     # strided cache views takes a path ~20x slower); bool under autocast, where q's dtype differs.
     additive = not torch.is_autocast_enabled(dev.type)
 
-    def as_mask(allowed: torch.Tensor) -> torch.Tensor:
-        if not additive:
-            return allowed
-        return torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill_(~allowed, float("-inf"))
-
-    # ---- prefill: the whole prompt block, logits of the last position only
+    # The whole prompt block, logits of the last position only.
     positions = (slots[None, :P] - pads[:, None]).clamp(min=0)
     mask = None
     if padded or (window is not None and P > window):
         q, k = slots[:P, None], slots[None, :P]
         allowed = (k <= q) if window is None else (k <= q) & (q - k < window)
         # A pad query attends to itself only (an all-False row would make sdpa return NaN).
-        mask = as_mask(((allowed[None] & key_valid[:, None, :P]) | (k == q)[None])[:, None])
-    key_mask = as_mask(key_valid)  # [B, S]; decode steps use views of it
+        mask = _as_mask(((allowed[None] & key_valid[:, None, :P]) | (k == q)[None])[:, None], additive, dtype)
+    key_mask = _as_mask(key_valid, additive, dtype)  # [B, S]; decode steps use views of it
     cache = KVCache(model.args, n, S, dev, dtype)
     h = model.hidden(tokens, positions=positions, mask=mask, cache=cache, cache_pos=0)
     logits = model.output(h[:, -1:]).float()[:, 0]
+    return cache, key_mask, logits, additive
 
-    gen = None
-    if temperature > 0:
-        gen = torch.Generator(device=dev)
-        gen.manual_seed(seed)
-    out_tok = torch.zeros((n, steps), dtype=torch.long, device=dev)
-    out_lp = torch.zeros((n, steps), dtype=torch.float32, device=dev)
-    len_all = torch.zeros(n, dtype=torch.long, device=dev)
-    reason_all = torch.zeros(n, dtype=torch.long, device=dev)
-    # Per-row state of the current batch; after a compaction `rows` maps it back to prompts.
-    rows: Optional[torch.Tensor] = None  # None: identity (no compaction yet)
-    budget = torch.tensor(budgets, device=dev)
-    next_pos = torch.tensor(lens, device=dev)
-    done = budget == 0
-    reason = torch.where(done, _LENGTH, _RUNNING)
-    length = torch.zeros(n, dtype=torch.long, device=dev)
-    sync_every = 1 if dev.type == "cpu" else 8
-    stops = _StopChecker(stop_strings, tokenizer, n) if stop_strings else None
-    fill = eos_id if eos_id >= 0 else 0
 
-    for step in range(steps):
-        nxt = sample_next(logits, temperature, top_p, top_k, gen)
-        lp = logits.gather(-1, nxt[:, None])[:, 0] - logits.logsumexp(dim=-1)
-        nxt = torch.where(done, fill, nxt)
-        if rows is None:
-            out_tok[:, step], out_lp[:, step] = nxt, lp
+def _decode_mask(key_mask: torch.Tensor, cur: int, window: Optional[int], additive: bool) -> torch.Tensor:
+    """Key mask [B, 1, 1, cur + 1] of the decode step writing cache slot `cur`."""
+    kmask = key_mask[:, None, None, :cur + 1]
+    if window is not None and cur >= window:  # keys more than `window` positions back drop out
+        kmask = kmask.clone()
+        kmask[..., :cur + 1 - window] = float("-inf") if additive else False
+    return kmask
+
+
+@dataclass
+class _Rows:
+    """Decode state. `out_*`, `len_all`, `reason_all` cover every prompt; the rest covers the rows
+    of the current batch, which after a compaction `rows` maps back to prompts."""
+    out_tok: torch.Tensor     # [n, steps]
+    out_lp: torch.Tensor      # [n, steps]
+    len_all: torch.Tensor     # [n]
+    reason_all: torch.Tensor  # [n]
+    rows: Optional[torch.Tensor]  # None: identity (no compaction yet)
+    budget: torch.Tensor
+    next_pos: torch.Tensor
+    done: torch.Tensor
+    reason: torch.Tensor
+    length: torch.Tensor
+
+    @classmethod
+    def start(cls, lens: list[int], budgets: list[int], steps: int, dev: torch.device) -> _Rows:
+        n = len(lens)
+        budget = torch.tensor(budgets, device=dev)
+        done = budget == 0
+        return cls(out_tok=torch.zeros((n, steps), dtype=torch.long, device=dev),
+                   out_lp=torch.zeros((n, steps), dtype=torch.float32, device=dev),
+                   len_all=torch.zeros(n, dtype=torch.long, device=dev),
+                   reason_all=torch.zeros(n, dtype=torch.long, device=dev),
+                   rows=None, budget=budget, next_pos=torch.tensor(lens, device=dev), done=done,
+                   reason=torch.where(done, _LENGTH, _RUNNING),
+                   length=torch.zeros(n, dtype=torch.long, device=dev))
+
+    def record(self, step: int, nxt: torch.Tensor, lp: torch.Tensor) -> None:
+        if self.rows is None:
+            self.out_tok[:, step], self.out_lp[:, step] = nxt, lp
         else:
-            out_tok[rows, step], out_lp[rows, step] = nxt, lp
-        live = ~done
-        length = torch.where(live, step + 1, length)
+            self.out_tok[self.rows, step], self.out_lp[self.rows, step] = nxt, lp
+
+    def update_reasons(self, step: int, nxt: torch.Tensor, eos_id: int, stops: Optional[_StopChecker]) -> None:
+        """Finish the live rows that emitted EOS, completed a stop string or used up their budget."""
+        live = ~self.done
+        self.length = torch.where(live, step + 1, self.length)
         code = torch.where(live & (nxt == eos_id), _EOS, _RUNNING)
         if stops is not None:
-            hit = stops.update(rows, nxt, live)
+            hit = stops.update(self.rows, nxt, live)
             if hit:
-                hit_t = torch.zeros_like(done)
-                hit_t[torch.tensor(hit, device=dev)] = True
+                hit_t = torch.zeros_like(self.done)
+                hit_t[torch.tensor(hit, device=self.done.device)] = True
                 code = torch.where(hit_t & (code == _RUNNING), _STOP, code)
-        code = torch.where(live & (code == _RUNNING) & (step + 1 >= budget), _LENGTH, code)
-        reason = torch.where(code != _RUNNING, code, reason)
-        done = reason != _RUNNING
-        if step + 1 == steps:
-            break
-        if (step + 1) % sync_every == 0 or stops is not None:
-            remaining = len(done) - int(done.sum())
-            if remaining == 0:
-                break
-            if remaining <= len(done) // 2:  # drop the finished rows: a smaller batch and cache
-                idx = torch.arange(n, device=dev) if rows is None else rows
-                reason_all[idx], len_all[idx] = reason, length
-                keep = (~done).nonzero()[:, 0]
-                rows, budget, next_pos, done, reason, length, nxt, key_mask = (
-                    t[keep] for t in (idx, budget, next_pos, done, reason, length, nxt, key_mask))
-                cache.k, cache.v = cache.k[:, keep], cache.v[:, keep]
-        # ---- decode: the new token only, written to cache slot P + step
-        cur = P + step
-        kmask = key_mask[:, None, None, :cur + 1]
-        if window is not None and cur >= window:  # keys more than `window` positions back drop out
-            kmask = kmask.clone()
-            kmask[..., :cur + 1 - window] = float("-inf") if additive else False
-        h = model.hidden(nxt[:, None], positions=next_pos[:, None], mask=kmask,
-                         cache=cache, cache_pos=cur)
-        logits = model.output(h).float()[:, 0]
-        next_pos = next_pos + 1
+        code = torch.where(live & (code == _RUNNING) & (step + 1 >= self.budget), _LENGTH, code)
+        self.reason = torch.where(code != _RUNNING, code, self.reason)
+        self.done = self.reason != _RUNNING
 
-    idx = torch.arange(n, device=dev) if rows is None else rows
-    reason_all[idx], len_all[idx] = reason, length
-    out_tok, out_lp = out_tok.tolist(), out_lp.tolist()
-    lengths, reasons = len_all.tolist(), reason_all.tolist()
-    return Generation(tokens=[out_tok[i][:lengths[i]] for i in range(n)],
-                      logprobs=[out_lp[i][:lengths[i]] for i in range(n)],
-                      finish_reasons=[REASONS[r] for r in reasons])
+    def _flush(self) -> torch.Tensor:
+        idx = torch.arange(len(self.len_all), device=self.done.device) if self.rows is None else self.rows
+        self.reason_all[idx], self.len_all[idx] = self.reason, self.length
+        return idx
+
+    def compact(self, nxt: torch.Tensor, key_mask: torch.Tensor, cache: KVCache):
+        """Drop the finished rows from the state, `nxt`, `key_mask` and the cache; returns (nxt, key_mask)."""
+        idx = self._flush()
+        keep = (~self.done).nonzero()[:, 0]
+        self.rows, self.budget, self.next_pos, self.done, self.reason, self.length, nxt, key_mask = (
+            t[keep] for t in (idx, self.budget, self.next_pos, self.done, self.reason, self.length, nxt, key_mask))
+        cache.k, cache.v = cache.k[:, keep], cache.v[:, keep]
+        return nxt, key_mask
+
+    def result(self) -> Generation:
+        self._flush()
+        n = len(self.len_all)
+        out_tok, out_lp = self.out_tok.tolist(), self.out_lp.tolist()
+        lengths, reasons = self.len_all.tolist(), self.reason_all.tolist()
+        return Generation(tokens=[out_tok[i][:lengths[i]] for i in range(n)],
+                          logprobs=[out_lp[i][:lengths[i]] for i in range(n)],
+                          finish_reasons=[REASONS[r] for r in reasons])
 
 
 def _onednn_linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:

@@ -120,6 +120,26 @@ def record_kind(record: dict, where: str) -> str:
                     f"one (instruction, output, label); got keys {sorted(record)}")
 
 
+def parse_record(record: dict, where: str) -> tuple[str, dict[str, Any]]:
+    """(kind, fields) of a validated record: pointwise -> output, label (float); pairwise ->
+    chosen, rejected (lists of texts), margin (None when absent). Errors name `where`."""
+    kind = record_kind(record, where)
+    if not isinstance(record["instruction"], str):
+        raise DataError(f"{where}: 'instruction' must be a string")
+    if kind == "pointwise":
+        label = record["label"]
+        if isinstance(label, bool) or label not in (0, 1):
+            raise DataError(f"{where}: 'label' must be 0 or 1, got {label!r}")
+        if not isinstance(record["output"], str):
+            raise DataError(f"{where}: 'output' must be a string")
+        return kind, {"output": record["output"], "label": float(label)}
+    chosen, rejected = _texts(record, "chosen", where), _texts(record, "rejected", where)
+    margin = record.get("margin")
+    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
+        raise DataError(f"{where}: 'margin' must be a number, got {margin!r}")
+    return kind, {"chosen": chosen, "rejected": rejected, "margin": margin}
+
+
 class PairDataset:
     """Tokenised preference data. Units (what the trainer indexes): pairs for pairwise data,
     samples for pointwise data."""
@@ -148,27 +168,15 @@ class PairDataset:
             return p2, r2
 
         for i, rec in enumerate(records):
-            where = f"{source}: record {i}"
-            kind = record_kind(rec, where)
+            kind, fields = parse_record(rec, f"{source}: record {i}")
             kinds.add(kind)
-            if not isinstance(rec["instruction"], str):
-                raise DataError(f"{where}: 'instruction' must be a string")
             prompt = encode_prompt(tokenizer, rec["instruction"])
             if kind == "pointwise":
-                label = rec["label"]
-                if isinstance(label, bool) or label not in (0, 1):
-                    raise DataError(f"{where}: 'label' must be 0 or 1, got {label!r}")
-                if not isinstance(rec["output"], str):
-                    raise DataError(f"{where}: 'output' must be a string")
-                p, r = fit(prompt, resp(rec["output"]))
-                self.points.append(Point(p, r, float(label)))
+                p, r = fit(prompt, resp(fields["output"]))
+                self.points.append(Point(p, r, fields["label"]))
                 continue
-            chosen, rejected = _texts(rec, "chosen", where), _texts(rec, "rejected", where)
-            margin = rec.get("margin")
-            if margin is not None:
-                if isinstance(margin, bool) or not isinstance(margin, (int, float)):
-                    raise DataError(f"{where}: 'margin' must be a number, got {margin!r}")
-                self.has_margin = True
+            chosen, rejected, margin = fields["chosen"], fields["rejected"], fields["margin"]
+            self.has_margin |= margin is not None
             before = len(self.pairs)
             for c, r in itertools.product(chosen, rejected):
                 if c == r:

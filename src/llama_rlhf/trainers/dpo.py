@@ -119,32 +119,11 @@ def evaluate_dpo(model: nn.Module, dataset: PairDataset, ref: torch.Tensor, beta
             prefix + "n": len(dataset)}
 
 
-def setup_dpo(ckpt_dir: str, save_dir: str, train_file: str, model_type: Optional[str] = None,
-              reference_ckpt_dir: Optional[str] = None, label_file: Optional[str] = None, beta: float = 0.1,
-              loss: str = "sigmoid", label_smoothing: float = 0.0, max_batch_size: int = 6, lora_rank: int = -1,
-              lora_alpha: Optional[float] = None, epochs: int = 1, lr: float = 1e-6, max_seq_len: int = 512,
-              accumulation_steps: int = 1, seed: int = 0, save_steps: int = 0, resume: bool = False,
-              warmup_steps: int = 0, max_steps: int = -1, log_steps: int = 1, gradient_checkpointing: bool = False,
-              schedule: str = "cosine", weight_decay: float = 0.0, max_grad_norm: float = 1.0,
-              tokenizer_path: Optional[str] = None, eval_batch_size: Optional[int] = None,
-              peak_flops: Optional[float] = None, progress: bool = True) -> Trainer:
-    """Load data and the reference, cache reference log-probs, free it, build the policy Trainer."""
-    from .. import lora as lora_mod
+def _cached_reference_logps(model, reference_ckpt_dir: Optional[str], model_type: Optional[str],
+                            datasets: list, bs: int) -> list:
+    """Reference log-probs of every dataset: from --reference_ckpt_dir (loaded, used, freed) or the
+    initial policy."""
     from ..checkpoint import load_model, shard_files
-    log = get_logger()
-    if loss not in DPO_LOSSES:
-        raise ValueError(f"--loss must be one of {', '.join(DPO_LOSSES)}, got {loss!r}")
-    z = torch.zeros(1)
-    dpo_loss(z, z, z, z, beta, loss, label_smoothing)  # validates beta / label_smoothing / loss early
-    check_common(max_batch_size, max_seq_len, save_steps, lora_rank)
-    model, tokenizer, tok_src = load_for_training(ckpt_dir, model_type, tokenizer_path, seed, role="solver")
-    train = load_pair_dataset(train_file, tokenizer, max_seq_len)
-    held_out = load_pair_dataset(label_file, tokenizer, max_seq_len) if label_file else None
-    for ds, name in ((train, train_file), (held_out, label_file)):
-        if ds is not None and ds.kind != "pairwise":
-            raise ValueError(f"{name}: DPO needs pairwise records (instruction, chosen, rejected)")
-    datasets = [train] + ([held_out] if held_out is not None else [])
-    bs = eval_batch_size or max_batch_size
     if reference_ckpt_dir:
         if not os.path.isdir(reference_ckpt_dir):
             raise FileNotFoundError(f"--reference_ckpt_dir {reference_ckpt_dir}: no such directory")
@@ -162,6 +141,35 @@ def setup_dpo(ckpt_dir: str, save_dir: str, train_file: str, model_type: Optiona
             torch.cuda.empty_cache()
     else:
         refs = reference_logps(model, datasets, bs)  # the initial policy, before any update
+    return refs
+
+
+def setup_dpo(ckpt_dir: str, save_dir: str, train_file: str, model_type: Optional[str] = None,
+              reference_ckpt_dir: Optional[str] = None, label_file: Optional[str] = None, beta: float = 0.1,
+              loss: str = "sigmoid", label_smoothing: float = 0.0, max_batch_size: int = 6, lora_rank: int = -1,
+              lora_alpha: Optional[float] = None, epochs: int = 1, lr: float = 1e-6, max_seq_len: int = 512,
+              accumulation_steps: int = 1, seed: int = 0, save_steps: int = 0, resume: bool = False,
+              warmup_steps: int = 0, max_steps: int = -1, log_steps: int = 1, gradient_checkpointing: bool = False,
+              schedule: str = "cosine", weight_decay: float = 0.0, max_grad_norm: float = 1.0,
+              tokenizer_path: Optional[str] = None, eval_batch_size: Optional[int] = None,
+              peak_flops: Optional[float] = None, progress: bool = True) -> Trainer:
+    """Load data and the reference, cache reference log-probs, free it, build the policy Trainer."""
+    from .. import lora as lora_mod
+    log = get_logger()
+    if loss not in DPO_LOSSES:
+        raise ValueError(f"--loss must be one of {', '.join(DPO_LOSSES)}, got {loss!r}")
+    z = torch.zeros(1)
+    dpo_loss(z, z, z, z, beta, loss, label_smoothing)  # validates beta / label_smoothing / loss early
+    check_common(max_batch_size, max_seq_len, save_steps, lora_rank)
+    model, tokenizer, tok_src = load_for_training(ckpt_dir, model_type, tokenizer_path, seed, role="solver")
+    train = load_pair_dataset(train_file, tokenizer, max_seq_len)
+    held_out = load_pair_dataset(label_file, tokenizer, max_seq_len) if label_file else None
+    for ds, name in ((train, train_file), (held_out, label_file)):
+        if ds is not None and ds.kind != "pairwise":
+            raise ValueError(f"{name}: DPO needs pairwise records (instruction, chosen, rejected)")
+    datasets = [train] + ([held_out] if held_out is not None else [])
+    bs = eval_batch_size or max_batch_size
+    refs = _cached_reference_logps(model, reference_ckpt_dir, model_type, datasets, bs)
     log.info(f"reference log-probs cached for {sum(len(d) for d in datasets)} pairs "
              f"({'--reference_ckpt_dir ' + reference_ckpt_dir if reference_ckpt_dir else 'initial policy'})")
     if lora_rank is not None and lora_rank > 0:
