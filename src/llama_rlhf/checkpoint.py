@@ -405,8 +405,8 @@ def split_command(ckpt_file: str, save_path: str, n: int = 1, model_type: Option
                   to: str = "meta", tokenizer_file: Optional[str] = None, overwrite: bool = False) -> None:
     """checkpoint_split.py: any source -> N Meta shards, or -> an HF directory."""
     from .log import get_logger
-    if parallel.rank() != 0 or int(os.environ.get("RANK", 0)) != 0:
-        return  # torchrun may start several processes; one does the work
+    if int(os.environ.get("RANK", 0)) != 0:
+        return  # torchrun may start several processes; one does the work (no process group needed)
     if to not in ("meta", "hf"):
         raise ValueError(f"--to must be 'meta' or 'hf', got {to!r}")
     if n < 1:

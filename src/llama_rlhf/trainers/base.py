@@ -175,6 +175,29 @@ class TrainConfig:
 _CKPT_RE = re.compile(r"^(epoch|step)-(\d+)$")
 
 
+def load_for_training(ckpt_dir: str, model_type: Optional[str], tokenizer_path: Optional[str], seed: int,
+                      role: str = "solver", flag: str = "--ckpt_dir"):
+    """Initialise the TP x DP world from `ckpt_dir`'s shard count; (model, tokenizer, tokenizer source)."""
+    from ..checkpoint import find_tokenizer, load_model, shard_files
+    from ..tokenizers import load_tokenizer
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(f"{flag} {ckpt_dir}: no such directory")
+    n_shards = len(shard_files(ckpt_dir))
+    if n_shards == 0:
+        raise ValueError(f"{flag} {ckpt_dir}: no consolidated.NN.pth files (run checkpoint_split.py first)")
+    parallel.init(tp=n_shards)
+    tok_src = tokenizer_path or find_tokenizer(ckpt_dir)
+    if tok_src is None:
+        raise FileNotFoundError(f"{flag} {ckpt_dir}: no tokenizer.model / tokenizer.json (pass --tokenizer_path)")
+    tokenizer = load_tokenizer(tok_src)
+    torch.manual_seed(seed)
+    model = load_model(ckpt_dir, model_type, parallel.device(), torch.float32, role=role)
+    if model.args.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"tokenizer {tok_src} has {tokenizer.vocab_size} tokens but the model's vocabulary is "
+                         f"{model.args.vocab_size}")
+    return model, tokenizer, tok_src
+
+
 def latest_checkpoint(save_dir: str) -> Optional[tuple[str, dict]]:
     """(path, rank-0 state) of the complete checkpoint in `save_dir` with the highest step.
     Only fully renamed dirs count: half-written ones live under a `.tmp` name."""

@@ -30,8 +30,8 @@ from .. import parallel
 from ..data.pairs import PairDataset, collate_pairs, load_pair_dataset
 from ..log import get_logger
 from ..losses import dpo_loss
-from .base import TrainConfig, Trainer, autocast
-from .verifier import check_common, forward_hidden, load_for_training
+from .base import TrainConfig, Trainer, autocast, load_for_training
+from .verifier import check_common, forward_hidden
 
 DPO_LOSSES = ("sigmoid", "ipo")
 

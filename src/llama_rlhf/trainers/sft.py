@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .. import parallel
 from ..log import get_logger
 from ..models import causal_mask
-from .base import TrainConfig, Trainer
+from .base import TrainConfig, Trainer, load_for_training
 
 _CHUNK = 1024  # rows of the vocabulary projection formed at once
 
@@ -116,29 +116,13 @@ def setup_sft(ckpt_dir: str, save_dir: str, train_file: str, model_type: Optiona
               progress: bool = True) -> Trainer:
     """Initialise the TP x DP world, load model + tokenizer + data and build the Trainer."""
     from .. import lora as lora_mod
-    from ..checkpoint import find_tokenizer, load_model, shard_files
     from ..data.sft import load_sft_dataset, sft_collate_fn
-    from ..tokenizers import load_tokenizer
 
     log = get_logger()
-    if not os.path.isdir(ckpt_dir):
-        raise FileNotFoundError(f"--ckpt_dir {ckpt_dir}: no such directory")
-    n_shards = len(shard_files(ckpt_dir))
-    if n_shards == 0:
-        raise ValueError(f"--ckpt_dir {ckpt_dir}: no consolidated.NN.pth files (run checkpoint_split.py first)")
     if save_steps < 0:
         raise ValueError(f"--save_steps must be >= 0, got {save_steps}")
-    parallel.init(tp=n_shards)
-    tok_src = tokenizer_path or find_tokenizer(ckpt_dir)
-    if tok_src is None:
-        raise FileNotFoundError(f"--ckpt_dir {ckpt_dir}: no tokenizer.model / tokenizer.json (pass --tokenizer_path)")
-    tokenizer = load_tokenizer(tok_src)
+    model, tokenizer, tok_src = load_for_training(ckpt_dir, model_type, tokenizer_path, seed, role="solver")
     dataset = load_sft_dataset(train_file, tokenizer, max_seq_len, seed)
-    torch.manual_seed(seed)
-    model = load_model(ckpt_dir, model_type, parallel.device(), torch.float32, role="solver")
-    if model.args.vocab_size < tokenizer.vocab_size:
-        raise ValueError(f"tokenizer {tok_src} has {tokenizer.vocab_size} tokens but the model's vocabulary is "
-                         f"{model.args.vocab_size}")
     if lora_rank is not None and lora_rank > 0:
         lora_mod.apply_lora(model, lora_rank, lora_alpha, seed=seed)
         n_train = parallel.param_count(model, trainable_only=True)

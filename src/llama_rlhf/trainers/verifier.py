@@ -32,7 +32,7 @@ from .. import parallel
 from ..data.pairs import PairDataset, load_pair_dataset, packed_mask
 from ..log import get_logger
 from ..losses import logexpwithlm_loss, pairwise_loss, pointwise_loss
-from .base import TrainConfig, Trainer, autocast
+from .base import TrainConfig, Trainer, autocast, load_for_training
 
 LOSSES = ("pairwise", "logexpwithlm", "pointwise")
 REDUCES = ("last", "mean")
@@ -191,29 +191,6 @@ class VerifierTrainer(Trainer):
                     p.copy_(st["extra_trainable"][n])
 
 
-def load_for_training(ckpt_dir: str, model_type: Optional[str], tokenizer_path: Optional[str], seed: int,
-                      role: str = "solver", flag: str = "--ckpt_dir"):
-    """Initialise the TP x DP world from `ckpt_dir`'s shard count; (model, tokenizer, tokenizer source)."""
-    from ..checkpoint import find_tokenizer, load_model, shard_files
-    from ..tokenizers import load_tokenizer
-    if not os.path.isdir(ckpt_dir):
-        raise FileNotFoundError(f"{flag} {ckpt_dir}: no such directory")
-    n_shards = len(shard_files(ckpt_dir))
-    if n_shards == 0:
-        raise ValueError(f"{flag} {ckpt_dir}: no consolidated.NN.pth files (run checkpoint_split.py first)")
-    parallel.init(tp=n_shards)
-    tok_src = tokenizer_path or find_tokenizer(ckpt_dir)
-    if tok_src is None:
-        raise FileNotFoundError(f"{flag} {ckpt_dir}: no tokenizer.model / tokenizer.json (pass --tokenizer_path)")
-    tokenizer = load_tokenizer(tok_src)
-    torch.manual_seed(seed)
-    model = load_model(ckpt_dir, model_type, parallel.device(), torch.float32, role=role)
-    if model.args.vocab_size < tokenizer.vocab_size:
-        raise ValueError(f"tokenizer {tok_src} has {tokenizer.vocab_size} tokens but the model's vocabulary is "
-                         f"{model.args.vocab_size}")
-    return model, tokenizer, tok_src
-
-
 def check_common(max_batch_size: int, max_seq_len: int, save_steps: int, lora_rank: Optional[int]) -> None:
     if max_batch_size < 1:
         raise ValueError(f"--max_batch_size must be >= 1, got {max_batch_size}")
@@ -282,5 +259,5 @@ def train_verifier(**kwargs) -> Optional[str]:
 
 
 __all__ = ["LOSSES", "REDUCES", "VerifierTrainer", "batch_scores", "chosen_lm_nll", "evaluate_verifier",
-           "forward_hidden", "load_for_training", "pair_metrics", "score_dataset", "scores_from_hidden",
+           "forward_hidden", "pair_metrics", "score_dataset", "scores_from_hidden",
            "setup_verifier", "train_verifier", "verifier_objective"]
