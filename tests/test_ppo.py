@@ -66,7 +66,7 @@ def test_buffer_round_trips(tmp_path):
 
 
 def test_bad_input(ckpts, tmp_path):
-    with pytest.raises(ValueError, match="max_buffer_size 2 is smaller than --max_batch_size 4"):
+    with pytest.raises(ValueError, match="max_buffer_size 2 x --num_samples 1 rollouts is smaller than --max_batch_size 4"):
         train_ppo(_cfg(ckpts, max_buffer_size=2))
     write_json_atomic([{"question": "x"}], str(tmp_path / "bad.json"))
     with pytest.raises(ValueError, match="instruction"):

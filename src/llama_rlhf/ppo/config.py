@@ -24,7 +24,8 @@ class PPOConfig:
     reduce: str = "last"  # how the reward model scores a response
     estimator: str = "gae"  # gae | grpo | rloo
     num_samples: int = 1  # responses per prompt (group size for grpo / rloo)
-    max_batch_size: int = 6
+    max_batch_size: int = 6  # rollouts per actor / critic minibatch (one optimizer step)
+    rollout_batch_size: Optional[int] = None  # generation and no-grad scoring batch; default max_batch_size
     max_buffer_size: int = 96  # prompts per round, over all data-parallel replicas
     epochs: int = 1
     max_rounds: Optional[int] = None  # stop after this many rounds (fixed-budget runs)
@@ -61,12 +62,19 @@ class PPOConfig:
     placement: str = "flattening"  # which replicas hold which model (ppo/placement.py)
     placement_file: Optional[str] = None  # JSON replica sets, for --placement separation
 
+    @property
+    def forward_batch_size(self) -> int:
+        return self.rollout_batch_size or self.max_batch_size
+
     def validate(self) -> None:
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"--estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
-        if self.max_buffer_size < self.max_batch_size:
-            raise ValueError(f"--max_buffer_size {self.max_buffer_size} is smaller than "
-                             f"--max_batch_size {self.max_batch_size}")
+        # The buffer counts prompts, a minibatch counts rollouts (num_samples per prompt).
+        if self.max_buffer_size * self.num_samples < self.max_batch_size:
+            raise ValueError(f"--max_buffer_size {self.max_buffer_size} x --num_samples {self.num_samples} "
+                             f"rollouts is smaller than --max_batch_size {self.max_batch_size}")
+        if self.rollout_batch_size is not None and self.rollout_batch_size < 1:
+            raise ValueError(f"--rollout_batch_size must be >= 1, got {self.rollout_batch_size}")
         if self.max_batch_size < 1:
             raise ValueError(f"--max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.estimator == "gae" and not self.critic_ckpt_dir:

@@ -95,10 +95,10 @@ class PPOTrainer:
         tokens, logps, finished = [], [], []
         with self.m.phase(model or self.m.actor) as actor:
             actor.eval()
-            for s in range(0, len(rep_prompts), cfg.max_batch_size):
+            for s in range(0, len(rep_prompts), cfg.forward_batch_size):
                 # The seed depends on the round and the offset in the shard only, so a shard
                 # samples the same tokens on whichever replica generates it.
-                out = generate(actor, rep_prompts[s:s + cfg.max_batch_size], cfg.max_new_tokens,
+                out = generate(actor, rep_prompts[s:s + cfg.forward_batch_size], cfg.max_new_tokens,
                                eos_id=self.tok.eos_id, temperature=cfg.t, top_p=cfg.p, top_k=cfg.top_k,
                                seed=cfg.seed * 100003 + self.round * 1009 + s, max_seq_len=cfg.max_seq_len)
                 tokens += out.tokens
@@ -145,9 +145,9 @@ class PPOTrainer:
         return combine_rewards(cfg.reward, rm, rule, buf.finished, cfg.unfinished_penalty)
 
     def _batches(self, buf: RolloutBuffer) -> Iterator[tuple[list[int], object]]:
-        dev = self.m.device
-        for s in range(0, len(buf), self.cfg.max_batch_size):
-            idx = list(range(s, min(s + self.cfg.max_batch_size, len(buf))))
+        dev, size = self.m.device, self.cfg.forward_batch_size
+        for s in range(0, len(buf), size):
+            idx = list(range(s, min(s + size, len(buf))))
             yield idx, buf.batch(idx, self.tok.pad_id).to(dev)
 
     def _per_token(self, model, buf: RolloutBuffer, fn) -> torch.Tensor:
