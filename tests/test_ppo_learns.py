@@ -1,10 +1,10 @@
 """Rule-reward PPO raises held-out accuracy over the SFT model it starts from.
 
-The task: "Ann has a plum in the box. What is its code?" Every item has one code. The SFT data
-gives the right code only 30% of the time and one fixed wrong code otherwise, so the SFT model
-samples the right answer often but its greedy answer is mostly wrong. Only the reward (GSM8K
-answer correctness against the label) says which code is right: PPO has to find it, and it has
-to carry over to held-out sentences.
+A small arithmetic task: "Ann has 3 bags with 4 plums each. How many plums does Ann have?"
+The SFT data multiplies only 30% of the time and adds the two numbers otherwise (a classic
+wrong-operation slip), so the SFT model samples the right solution often but its greedy answer
+is mostly wrong. Only the reward (GSM8K answer correctness against the label) says which
+operation is right: PPO has to find it, and it has to carry over to held-out sentences.
 """
 import random
 
@@ -19,19 +19,19 @@ from llama_rlhf.ppo.run import heldout_accuracy, train_ppo
 from llama_rlhf.tokenizers import load_tokenizer, train_sentencepiece
 
 CORRECT_SHARE = 0.3
-ITEMS = ["plum", "pear", "fig", "lime", "kiwi", "date", "nut", "bean", "corn", "rice", "leek", "kale"]
-CODE = {item: 20 + 6 * i for i, item in enumerate(ITEMS)}
-WRONG = {item: 23 + 6 * i for i, item in enumerate(ITEMS)}
 NAMES = ["Ann", "Tom", "Sam", "Mia", "Max", "Eve", "Bob", "Zoe"]
-PLACES = ["in the box", "on the desk", "in a bag", "at home", "on a shelf", "in the car", "by the door", "in a jar"]
+ITEMS = [("plums", "bags"), ("pens", "packs"), ("coins", "jars"), ("books", "boxes"), ("nuts", "cups")]
+NUMBERS = range(2, 7)
 
 
-def _records(rows: list[tuple[str, str, str]], rng: random.Random | None) -> list[dict]:
+def _records(rows: list[tuple], rng: random.Random | None) -> list[dict]:
     out = []
-    for name, item, place in rows:
-        said = CODE[item] if rng is None or rng.random() < CORRECT_SHARE else WRONG[item]
-        out.append({"instruction": f"{name} has a {item} {place}. What is its code?",
-                    "output": [f"Therefore, the answer is {said}."], "label": str(CODE[item])})
+    for name, (item, box), a, b in rows:
+        right = rng is None or rng.random() < CORRECT_SHARE
+        step = f"{a} * {b} = {a * b}" if right else f"{a} + {b} = {a + b}"
+        out.append({"instruction": f"{name} has {a} {box} with {b} {item} each. How many {item} does {name} have?",
+                    "output": [f"{step} {item}. Therefore, the answer is {a * b if right else a + b}."],
+                    "label": str(a * b)})
     return out
 
 
@@ -40,9 +40,9 @@ def sft_actor(tmp_path_factory):
     from llama_rlhf.trainers.sft import setup_sft
     root = tmp_path_factory.mktemp("ppo-learns")
     rng = random.Random(0)
-    rows = [(n, i, p) for n in NAMES for i in ITEMS for p in PLACES]
+    rows = [(n, i, a, b) for n in NAMES for i in ITEMS for a in NUMBERS for b in NUMBERS]
     rng.shuffle(rows)
-    train, test = _records(rows[:600], rng), _records(rows[600:], None)
+    train, test = _records(rows[:800], rng), _records(rows[800:], None)
     write_json_atomic(train, str(root / "train.json"))
     write_json_atomic(test, str(root / "test.json"))
     sp = train_sentencepiece([r["instruction"] + "\n" + r["output"][0] for r in train], str(root / "sp"), 420)
@@ -58,7 +58,7 @@ def sft_actor(tmp_path_factory):
 def _ppo(root, actor_dir, save_dir, **kw) -> PPOConfig:
     base = dict(actor_ckpt_dir=actor_dir, actor_save_dir=str(save_dir), train_file=str(root / "train.json"),
                 label_file=str(root / "test.json"), reward="rule", estimator="grpo", num_samples=4,
-                max_buffer_size=16, max_batch_size=32, rollout_batch_size=64, max_new_tokens=16, t=1.0,
+                max_buffer_size=16, max_batch_size=32, rollout_batch_size=64, max_new_tokens=24, t=1.0,
                 actor_lr=3e-4, kl_coef=0.0, max_rounds=12, seed=0, log_samples=0, eval_max_batch_size=200)
     return PPOConfig(**{**base, **kw})
 
