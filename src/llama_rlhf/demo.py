@@ -31,8 +31,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 class DemoConfig:
     seed: int = 0
     nproc: int = 2
-    n_train: int = 4000
-    n_test: int = 500
+    n_train: Optional[int] = None  # synthetic: 4000; GSM8K: all 7473 (or the first n)
+    n_test: Optional[int] = None  # synthetic: 500; GSM8K: all 1319
     vocab_size: int = 512
     dim: int = 128
     n_layers: int = 4
@@ -55,6 +55,9 @@ class DemoConfig:
     ppo_kl: float = 0.02
     ppo_t: float = 0.7
     max_new_tokens: int = 64
+    max_seq_len: int = 128  # SFT rows; the verifier gets 32 more
+    gsm8k: Optional[str] = None  # dir with the official train.jsonl / test.jsonl instead of the synthetic task
+    model_dir: Optional[str] = None  # a pretrained checkpoint (HF or consolidated) instead of a random --dim model
     run_dir: Optional[str] = None
     times: dict = field(default_factory=dict)
 
@@ -97,33 +100,59 @@ class Pipeline:
     # ------------------------------------------------------------------ stages
 
     def prepare(self) -> None:
-        """Synthetic GSM8K-format data, a SentencePiece tokenizer and a random tiny Llama (TP=1)."""
-        from .checkpoint import save_meta
-        from .data.records import load_records
-        from .data.synthetic import write_synthetic
-        from .models import ModelArgs, build_model
-        from .tokenizers import load_tokenizer, train_sentencepiece
+        """Train/test data, a tokenizer and the initial checkpoint (TP=1 unless --model_dir)."""
         c, t0 = self.cfg, time.perf_counter()
-        write_synthetic(self.data, c.n_train, c.n_test, seed=c.seed)
-        records = load_records(os.path.join(self.data, "train.json"), ("instruction", "output"))
-        texts = [r["instruction"] + "\n" + r["output"][0] for r in records]
-        sp = train_sentencepiece(texts, os.path.join(self.data, "tokenizer"), c.vocab_size)
-        args = ModelArgs(family="llama", dim=c.dim, n_layers=c.n_layers, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads,
-                         hidden_dim=(c.dim * 8 // 3 + 7) // 8 * 8, vocab_size=load_tokenizer(sp).vocab_size,
-                         max_seq_len=256)
-        model = build_model(args, init_seed=c.seed)
-        save_meta(model.state_dict(), args, self.path("init"), n=1, tokenizer_src=sp)
+        records = self._data()
+        if not c.model_dir:
+            self._random_model(records)
         with open(os.path.join(self.data, "pair_questions.json"), "w") as f:
             json.dump(records[:c.pair_questions], f)
         c.times["prepare"] = time.perf_counter() - t0
 
+    def _data(self) -> list[dict]:
+        """The synthetic task, or the real GSM8K files run through the converter (first
+        --n_train / --n_test problems)."""
+        from .data.gsm8k import convert_gsm8k
+        from .data.records import load_records, write_json_atomic
+        from .data.synthetic import write_synthetic
+        c = self.cfg
+        if not c.gsm8k:
+            write_synthetic(self.data, c.n_train or 4000, c.n_test or 500, seed=c.seed)
+        for split, n in (("train", c.n_train), ("test", c.n_test)) if c.gsm8k else ():
+            src, dst = os.path.join(c.gsm8k, f"{split}.jsonl"), os.path.join(self.data, f"{split}.json")
+            if not os.path.isfile(src):
+                raise FileNotFoundError(f"GSM8K={c.gsm8k}: no {split}.jsonl there (the official release files)")
+            convert_gsm8k(src, dst)
+            if n:
+                write_json_atomic(load_records(dst, ("instruction", "output", "label"))[:n], dst)
+        return load_records(os.path.join(self.data, "train.json"), ("instruction", "output"))
+
+    def _random_model(self, records: list[dict]) -> None:
+        """A SentencePiece tokenizer trained on the train split and a random Llama of
+        --dim x --n_layers, written at TP=1 (checkpoint_split makes the TP copy)."""
+        from .checkpoint import save_meta
+        from .models import ModelArgs, build_model
+        from .tokenizers import load_tokenizer, train_sentencepiece
+        c = self.cfg
+        texts = [r["instruction"] + "\n" + r["output"][0] for r in records]
+        sp = train_sentencepiece(texts, os.path.join(self.data, "tokenizer"), c.vocab_size)
+        args = ModelArgs(family="llama", dim=c.dim, n_layers=c.n_layers, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads,
+                         hidden_dim=(c.dim * 8 // 3 + 7) // 8 * 8, vocab_size=load_tokenizer(sp).vocab_size,
+                         max_seq_len=2 * c.max_seq_len)
+        model = build_model(args, init_seed=c.seed)
+        save_meta(model.state_dict(), args, self.path("init"), n=1, tokenizer_src=sp)
+
+    def split(self) -> None:
+        """checkpoint_split.py: the initial (or --model_dir) checkpoint into --nproc TP shards."""
+        self.python("split", "checkpoint_split.py", ckpt_file=self.cfg.model_dir or self.path("init"),
+                    save_path=self.path("init-split"), n=self.cfg.nproc)
+
     def sft(self) -> str:
         c = self.cfg
-        self.python("split", "checkpoint_split.py", ckpt_file=self.path("init"), save_path=self.path("init-tp2"), n=2)
-        self.torchrun("sft", "solver_train.py", ckpt_dir=self.path("init-tp2"), save_dir=self.path("sft"),
+        self.torchrun("sft", "solver_train.py", ckpt_dir=self.path("init-split"), save_dir=self.path("sft"),
                       train_file=os.path.join(self.data, "train.json"), max_batch_size=c.sft_batch, lr=c.sft_lr,
                       max_steps=c.sft_steps, warmup_steps=20, epochs=100, seed=c.seed, log_steps=25,
-                      max_seq_len=128)
+                      max_seq_len=c.max_seq_len)
         return latest_checkpoint(self.path("sft"))[0]
 
     def evaluate(self, stage: str, ckpt: str, label_file: str, **flags) -> dict:
@@ -141,7 +170,8 @@ class Pipeline:
                     dst=os.path.join(self.data, "pairs.json"))
         self.torchrun("verifier", "verifier_train.py", ckpt_dir=sft_ckpt, save_dir=self.path("verifier"),
                       train_file=os.path.join(self.data, "pairs.json"), max_batch_size=16, lr=c.verifier_lr,
-                      epochs=c.verifier_epochs, warmup_steps=10, seed=c.seed, log_steps=10, max_seq_len=160)
+                      epochs=c.verifier_epochs, warmup_steps=10, seed=c.seed, log_steps=10,
+                      max_seq_len=c.max_seq_len + 32)
         return latest_checkpoint(self.path("verifier"))[0]
 
     def ppo(self, sft_ckpt: str, verifier_ckpt: str) -> str:
@@ -191,13 +221,15 @@ class Pipeline:
                 plot_metrics(path, keys, self.path(png))
 
 
-def main(seed: int = 0, gsm8k: Optional[str] = None, run_dir: Optional[str] = None, **overrides) -> None:
-    """Run the demo; `--gsm8k DIR` uses the real GSM8K files instead of the synthetic task."""
-    if gsm8k:
-        raise SystemExit("make demo GSM8K=... : see README 'Real GSM8K' (needs GPUs and a pretrained model)")
+def main(seed: int = 0, run_dir: Optional[str] = None, **overrides) -> None:
+    """Run the demo; every DemoConfig field is a flag (`--gsm8k DIR --model_dir DIR` for real data)."""
+    unknown = sorted(set(overrides) - set(DemoConfig.__dataclass_fields__))
+    if unknown:
+        raise SystemExit(f"demo: unknown flag --{unknown[0]} (see DemoConfig in src/llama_rlhf/demo.py)")
     cfg = DemoConfig(seed=seed, run_dir=run_dir, **overrides)
     pipe = Pipeline(cfg)
     pipe.prepare()
+    pipe.split()
     sft_ckpt = pipe.sft()
     test = os.path.join(pipe.data, "test.json")
     sft = pipe.evaluate("eval-sft", sft_ckpt, test)
