@@ -93,3 +93,22 @@ def test_write_synthetic(tmp_path):
     train = load_records(tmp_path / "train.json", ("instruction", "output", "label"))
     test = load_records(tmp_path / "test.json", ("instruction", "output", "label"))
     assert (train, test) == make_splits(20, 5, seed=1)
+
+
+def test_slips_go_into_train_solutions_only_and_labels_stay_true():
+    clean_train, clean_test = make_splits(300, 50, seed=2)
+    train, test = make_splits(300, 50, seed=2, slip=1.0)
+    assert test == clean_test and [r["label"] for r in train] == [r["label"] for r in clean_train]
+    for slipped, clean in zip(train, clean_train):
+        assert slipped["instruction"] == clean["instruction"]
+        solution = slipped["output"][0]
+        if "gives away" not in solution:
+            assert slipped == clean
+            continue
+        assert " - " not in solution, solution  # every "gives away" step adds
+        for a, op, b, c in STEP.findall(solution):
+            assert {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op] == int(c), solution
+        assert extract_answer(solution) != slipped["label"]
+    assert make_splits(300, 50, seed=2, slip=0.0) == (clean_train, clean_test)
+    with pytest.raises(ValueError, match="slip"):
+        make_splits(3, 1, seed=0, slip=1.5)

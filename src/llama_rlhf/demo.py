@@ -33,6 +33,7 @@ class DemoConfig:
     nproc: int = 2
     n_train: Optional[int] = None  # synthetic: 4000; GSM8K: all 7473 (or the first n)
     n_test: Optional[int] = None  # synthetic: 500; GSM8K: all 1319
+    slip: float = 0.0  # share of "gives away" steps the synthetic train solutions add instead (data/synthetic.py)
     vocab_size: int = 512
     dim: int = 128
     n_layers: int = 4
@@ -117,7 +118,7 @@ class Pipeline:
         from .data.synthetic import write_synthetic
         c = self.cfg
         if not c.gsm8k:
-            write_synthetic(self.data, c.n_train or 4000, c.n_test or 500, seed=c.seed)
+            write_synthetic(self.data, c.n_train or 4000, c.n_test or 500, seed=c.seed, slip=c.slip)
         for split, n in (("train", c.n_train), ("test", c.n_test)) if c.gsm8k else ():
             src, dst = os.path.join(c.gsm8k, f"{split}.jsonl"), os.path.join(self.data, f"{split}.json")
             if not os.path.isfile(src):
@@ -180,7 +181,8 @@ class Pipeline:
                       critic_ckpt_dir=verifier_ckpt, critic_save_dir=self.path("ppo-critic"),
                       reward_model_ckpt_dir=verifier_ckpt, train_file=os.path.join(self.data, "train.json"),
                       reward=c.ppo_reward, estimator=c.ppo_estimator, num_samples=c.ppo_samples,
-                      max_batch_size=min(64, c.ppo_buffer), max_buffer_size=c.ppo_buffer, max_rounds=c.ppo_rounds,
+                      max_batch_size=min(64, c.ppo_buffer), rollout_batch_size=c.ppo_buffer * c.ppo_samples,
+                      max_buffer_size=c.ppo_buffer, max_rounds=c.ppo_rounds,
                       actor_lr=c.ppo_actor_lr, critic_lr=c.ppo_critic_lr, kl_coef=c.ppo_kl, t=c.ppo_t,
                       max_new_tokens=c.max_new_tokens, seed=c.seed)
         return self.path("ppo-actor", f"round-{c.ppo_rounds}")
