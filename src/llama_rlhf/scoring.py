@@ -41,11 +41,16 @@ def pair_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int
 
 
 def action_logprobs(model, batch: PairBatch, with_entropy: bool = False):
-    """log p(token j+1 | tokens <= j) for every action position: [B, T-1] (and entropy [B, T-1])."""
-    logits = model(batch.tokens)[:, :-1]  # [B, T-1, V]
-    logps = token_logprobs(logits, batch.tokens[:, 1:])
+    """log p(token j+1 | tokens <= j) for every action position: [B, T-1] (and entropy [B, T-1]).
+
+    Logits are only made from the first action column on: the prompt positions before it
+    would cost a [B, prompt, V] fp32 tensor for nothing (their values are 0 here)."""
+    start = int(batch.action_mask.any(0).int().argmax())  # first column with an action in any row
+    logits = model.output(model.hidden(batch.tokens)[:, start:-1]).float()  # [B, T-1-start, V]
+    pad = (start, 0)  # back to [B, T-1]
+    logps = torch.nn.functional.pad(token_logprobs(logits, batch.tokens[:, start + 1:]), pad)
     if with_entropy:
-        return logps, token_entropy(logits)
+        return logps, torch.nn.functional.pad(token_entropy(logits), pad)
     return logps
 
 
