@@ -102,13 +102,14 @@ def test_slips_go_into_train_solutions_only_and_labels_stay_true():
     for slipped, clean in zip(train, clean_train):
         assert slipped["instruction"] == clean["instruction"]
         solution = slipped["output"][0]
-        if "gives away" not in solution:
+        if not re.search(r"(double|triple)\.", slipped["instruction"]):
             assert slipped == clean
             continue
-        assert " - " not in solution, solution  # every "gives away" step adds
+        for word, a, op, b in re.findall(r"(double|triple), so (\d+) ([-+*]) (\d+)", solution):
+            assert (op, b) == ("+", {"double": "2", "triple": "3"}[word]), solution  # "double" read as "2 more"
         for a, op, b, c in STEP.findall(solution):
             assert {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op] == int(c), solution
-        assert extract_answer(solution) != slipped["label"]
+        assert extract_answer(solution) != slipped["label"] or "double, so 2 + 2" in solution  # 2 * 2 = 2 + 2
     assert make_splits(300, 50, seed=2, slip=0.0) == (clean_train, clean_test)
     with pytest.raises(ValueError, match="slip"):
         make_splits(3, 1, seed=0, slip=1.5)

@@ -29,7 +29,7 @@ def _apply(kind: str, c: int, b: int) -> int:
 
 
 def _say(kind: str, done: str, c: int, b: int) -> str:
-    """The solution sentence of a `kind` step, computed as `done` (a slip adds on "gives away")."""
+    """The solution sentence of a `kind` step, computed as `done` (a slip reads "double" as "2 more")."""
     value = _apply(done, c, b)
     if kind == "add":
         return "{P} buys %d more, so %d %s %d = %d {item}." % (b, c, _SIGN[done], b, value)
@@ -70,12 +70,12 @@ class _Problem:
     fill: tuple[tuple[str, str], ...]  # names for str.format
 
     def record(self, slip: float = 0.0, rng: random.Random | None = None) -> dict:
-        """The project record; with probability `slip` each "gives away" step is added instead
-        of subtracted and the chain goes on from the wrong count, as a careless teacher's would.
-        The label stays the true answer."""
+        """The project record; with probability `slip` each "double" / "triple" step adds 2 / 3
+        instead of multiplying and the chain goes on from the wrong count, as a careless
+        teacher's would. The label stays the true answer."""
         solution, count = list(self.first), self.start
         for kind, b in self.ops:
-            done = "add" if kind == "sub" and slip > 0 and rng.random() < slip else kind
+            done = "add" if kind == "mul" and slip > 0 and rng.random() < slip else kind
             solution.append(_say(kind, done, count, b))
             count = _apply(done, count, b)
         solution.append(f"Therefore, the answer is {count}.")
