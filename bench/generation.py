@@ -6,6 +6,12 @@ Llama config dim 512, 8 layers, 8 heads, 4 KV heads, FFN 1408, vocab 32000, fp32
 2 threads. HF runs its defaults (sdpa attention, use_cache=True) with EOS disabled so both
 make exactly `new_tokens` tokens per row; the tokens must be equal. Prints tokens/s and the ratio,
 also for the engine with its CPU oneDNN GEMMs switched off (LLAMA_RLHF_ONEDNN=0).
+
+It also prints the matmul floor: the time of the model's weight GEMMs alone for the whole run
+(one prefill pass, then `new_tokens - 1` decode passes of `batch` rows; each pass runs every
+weight GEMM in model order, with the fastest of MKL `F.linear`, oneDNN and pre-packed MKL), i.e.
+what any fp32 engine on this machine must spend even with zero overhead, and the largest ratio
+over HF that this floor leaves room for.
 """
 from __future__ import annotations
 
@@ -32,6 +38,42 @@ def build(seed: int = 0):
     missing, unexpected = hf.load_state_dict(meta_to_hf(ours.state_dict(), args), strict=False)
     assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
     return ours, hf, args
+
+
+def _kernels(rows: int, w: torch.Tensor) -> dict:
+    """x[rows, K] @ w[N, K].T by MKL F.linear, oneDNN, and MKL with the weight pre-packed for
+    `rows` (what inductor's freezing uses)."""
+    x = torch.randn(rows, w.shape[1])
+    out = {"F.linear": lambda: torch.nn.functional.linear(x, w)}
+    if torch.backends.mkldnn.is_available():
+        out["oneDNN"] = lambda: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+    if torch._C.has_mkl:
+        packed = torch.ops.mkl._mkl_reorder_linear_weight(w, rows)
+        out["MKL packed"] = lambda: torch.ops.mkl._mkl_linear(x, packed, w, None, rows)
+    return out
+
+
+def _pass_seconds(model, rows_of, repeats: int = 5) -> float:
+    """Best time, over kernels, of one pass over every weight GEMM in model order. A pass
+    streams all weights from memory as a real forward does (timing one GEMM in a loop would
+    keep its weight in cache and flatter the floor)."""
+    weights = [(name, m.weight.detach()) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    calls = [_kernels(rows_of(name), w) for name, w in weights]
+    best = float("inf")
+    for kernel in calls[0]:
+        for _ in range(repeats + 1):  # the first pass warms up
+            t0 = time.perf_counter()
+            for fns in calls:
+                fns[kernel]()
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def matmul_floor(model, batch: int, prompt_len: int, new_tokens: int) -> float:
+    """Seconds of weight GEMMs for one run: the prefill (every layer on batch x prompt_len rows,
+    the output layer on the last position only) and new_tokens - 1 decode steps of batch rows."""
+    prefill = _pass_seconds(model, lambda name: batch if name == "output" else batch * prompt_len)
+    return prefill + (new_tokens - 1) * _pass_seconds(model, lambda name: batch)
 
 
 def main() -> None:
@@ -84,6 +126,9 @@ def main() -> None:
     same = all(t == tokens["hf"] for t in tokens.values())
     print(f"tokens equal: {same}; speed ratio ours/HF: {best['hf'] / best['ours']:.2f}x "
           f"(with F.linear: {best['hf'] / best['ours (F.linear)']:.2f}x)")
+    floor = matmul_floor(ours, opt.batch, opt.prompt_len, opt.new_tokens)
+    print(f"matmul floor (weight GEMMs alone, no overhead): {n_tok / floor:8.1f} tok/s ({floor:.3f} s); "
+          f"largest possible ratio over HF: {best['hf'] / floor:.2f}x; ours is at {floor / best['ours']:.0%} of it")
     if not same:
         raise SystemExit("token mismatch between the engine and HF generate")
 
