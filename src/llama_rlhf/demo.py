@@ -33,13 +33,13 @@ class DemoConfig:
     nproc: int = 2
     n_train: Optional[int] = None  # synthetic: 4000; GSM8K: all 7473 (or the first n)
     n_test: Optional[int] = None  # synthetic: 500; GSM8K: all 1319
-    slip: float = 0.0  # share of "double" / "triple" steps the train solutions add 2 / 3 for (data/synthetic.py)
+    slip: float = 0.6  # share of "double" / "triple" steps the train solutions add 2 / 3 for (data/synthetic.py)
     vocab_size: int = 512
     dim: int = 128
     n_layers: int = 4
     n_heads: int = 4
     n_kv_heads: int = 2
-    sft_steps: int = 500
+    sft_steps: int = 800
     sft_lr: float = 2e-3
     sft_batch: int = 32
     samples: int = 4  # K for pairs, pass@K and best-of-K
