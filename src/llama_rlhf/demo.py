@@ -216,7 +216,7 @@ class Pipeline:
     def curves(self) -> None:
         from .metrics import plot_metrics
         for metrics, keys, png in ((("sft",), ["loss"], "sft_loss.png"),
-                                   (("verifier",), ["heldout/accuracy", "loss"], "verifier.png"),
+                                   (("verifier",), ["accuracy", "loss"], "verifier.png"),
                                    (("ppo-actor",), ["reward/mean", "kl"], "ppo.png")):
             path = self.path(*metrics, "metrics.jsonl")
             if os.path.exists(path):
