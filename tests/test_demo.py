@@ -26,12 +26,10 @@ def test_gsm8k_demo_converts_the_official_files_first(tmp_path):
     assert len(json.load(open(tmp_path / "data" / "pair_questions.json"))) == 8
 
 
-def test_gsm8k_dir_without_the_files_is_a_clear_error(tmp_path):
-    pipe = Pipeline(DemoConfig(gsm8k=str(tmp_path / "nowhere"), run_dir=str(tmp_path / "run")))
-    with pytest.raises(FileNotFoundError, match="no train.jsonl"):
-        pipe.prepare()
-
-
-def test_unknown_demo_flag_is_refused():
-    with pytest.raises(SystemExit, match="unknown flag --sft_stepz"):
+def test_bad_demo_input_is_a_one_line_error(tmp_path, caplog):
+    with pytest.raises(SystemExit) as e:
         main(sft_stepz=3)
+    assert e.value.code == 2 and "unknown flag --sft_stepz" in caplog.text
+    with pytest.raises(SystemExit) as e:
+        main(gsm8k=str(tmp_path / "nowhere"), run_dir=str(tmp_path / "run"))
+    assert e.value.code == 2 and "no train.jsonl" in caplog.text

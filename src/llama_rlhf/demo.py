@@ -20,6 +20,7 @@ from typing import Optional
 
 import fire
 
+from .cli import run_cli
 from .log import get_logger
 from .trainers.base import latest_checkpoint
 
@@ -225,10 +226,14 @@ class Pipeline:
 
 def main(seed: int = 0, run_dir: Optional[str] = None, **overrides) -> None:
     """Run the demo; every DemoConfig field is a flag (`--gsm8k DIR --model_dir DIR` for real data)."""
-    unknown = sorted(set(overrides) - set(DemoConfig.__dataclass_fields__))
+    run_cli(run_demo, seed=seed, run_dir=run_dir, **overrides)
+
+
+def run_demo(**flags) -> None:
+    unknown = sorted(set(flags) - set(DemoConfig.__dataclass_fields__))
     if unknown:
-        raise SystemExit(f"demo: unknown flag --{unknown[0]} (see DemoConfig in src/llama_rlhf/demo.py)")
-    cfg = DemoConfig(seed=seed, run_dir=run_dir, **overrides)
+        raise ValueError(f"demo: unknown flag --{unknown[0]} (see DemoConfig in src/llama_rlhf/demo.py)")
+    cfg = DemoConfig(**flags)
     pipe = Pipeline(cfg)
     pipe.prepare()
     pipe.split()
