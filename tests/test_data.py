@@ -106,11 +106,10 @@ def test_slips_go_into_train_solutions_only_and_labels_stay_true():
             assert slipped == clean
             continue
         for word, a, op, b in re.findall(r"(double|triple), so (\d+) ([-+*]) (\d+)", solution):
-            assert (op, b) == ("*", {"double": "3", "triple": "2"}[word]), solution  # double and triple swapped
+            assert (op, b) == ("+", {"double": "2", "triple": "3"}[word]), solution  # "double" read as "2 more"
         for a, op, b, c in STEP.findall(solution):
             assert {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op] == int(c), solution
-        if len(re.findall(r"double|triple", solution)) == 1:  # two swapped steps can cancel out
-            assert extract_answer(solution) != slipped["label"]
+        assert extract_answer(solution) != slipped["label"] or "double, so 2 + 2" in solution  # 2 * 2 = 2 + 2
     assert make_splits(300, 50, seed=2, slip=0.0) == (clean_train, clean_test)
     with pytest.raises(ValueError, match="slip"):
         make_splits(3, 1, seed=0, slip=1.5)

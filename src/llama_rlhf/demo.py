@@ -34,7 +34,7 @@ class DemoConfig:
     nproc: int = 2
     n_train: Optional[int] = None  # synthetic: 4000; GSM8K: all 7473 (or the first n)
     n_test: Optional[int] = None  # synthetic: 500; GSM8K: all 1319
-    slip: float = 0.6  # share of "double" / "triple" steps the train solutions compute as the other (data/synthetic.py)
+    slip: float = 0.6  # share of "double" / "triple" steps the train solutions add 2 / 3 for (data/synthetic.py)
     vocab_size: int = 512
     dim: int = 128
     n_layers: int = 4

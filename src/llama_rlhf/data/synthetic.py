@@ -21,20 +21,21 @@ _LO, _HI = 2, 20  # operands
 # rendered from the operations, so a slip can change how one step is computed.
 _QUESTION = {"add": "{P} buys %d more {item}.", "sub": "{P} gives away %d {item}.", "mul": "Then {pos} {item} %s."}
 _WORD = {2: "double", 3: "triple"}
+_SIGN = {"add": "+", "sub": "-", "mul": "*"}
 
 
 def _apply(kind: str, c: int, b: int) -> int:
     return {"add": c + b, "sub": c - b, "mul": c * b}[kind]
 
 
-def _say(kind: str, c: int, b: int, used: int) -> str:
-    """The solution sentence of a `kind` step with operand `b`, computed with `used` (a slip
-    multiplies a "double" by 3 or a "triple" by 2)."""
+def _say(kind: str, done: str, c: int, b: int) -> str:
+    """The solution sentence of a `kind` step, computed as `done` (a slip reads "double" as "2 more")."""
+    value = _apply(done, c, b)
     if kind == "add":
-        return "{P} buys %d more, so %d + %d = %d {item}." % (b, c, b, c + b)
+        return "{P} buys %d more, so %d %s %d = %d {item}." % (b, c, _SIGN[done], b, value)
     if kind == "sub":
-        return "{P} gives away %d, so %d - %d = %d {item} are left." % (b, c, b, c - b)
-    return "The {item} %s, so %d * %d = %d {item}." % (_WORD[b], c, used, c * used)
+        return "{P} gives away %d, so %d %s %d = %d {item} are left." % (b, c, _SIGN[done], b, value)
+    return "The {item} %s, so %d %s %d = %d {item}." % (_WORD[b], c, _SIGN[done], b, value)
 
 
 def _pick(rng: random.Random, c: int) -> tuple[str, int] | None:
@@ -69,14 +70,14 @@ class _Problem:
     fill: tuple[tuple[str, str], ...]  # names for str.format
 
     def record(self, slip: float = 0.0, rng: random.Random | None = None) -> dict:
-        """The project record; with probability `slip` each "double" / "triple" step is
-        computed as the other one (x 3 / x 2) and the chain goes on from the wrong count, as a
-        careless teacher's would. The label stays the true answer."""
+        """The project record; with probability `slip` each "double" / "triple" step adds 2 / 3
+        instead of multiplying and the chain goes on from the wrong count, as a careless
+        teacher's would. The label stays the true answer."""
         solution, count = list(self.first), self.start
         for kind, b in self.ops:
-            used = 5 - b if kind == "mul" and slip > 0 and rng.random() < slip else b  # 2 <-> 3
-            solution.append(_say(kind, count, b, used))
-            count = _apply(kind, count, used)
+            done = "add" if kind == "mul" and slip > 0 and rng.random() < slip else kind
+            solution.append(_say(kind, done, count, b))
+            count = _apply(done, count, b)
         solution.append(f"Therefore, the answer is {count}.")
         return {"instruction": self.instruction, "output": [" ".join(solution).format(**dict(self.fill))],
                 "label": self.label}
