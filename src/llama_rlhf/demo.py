@@ -54,7 +54,7 @@ class DemoConfig:
     ppo_reward: str = "rm"
     ppo_actor_lr: float = 2e-5
     ppo_critic_lr: float = 1e-4
-    ppo_kl: float = 0.02
+    ppo_kl: float = 0.1
     ppo_t: float = 0.7
     max_new_tokens: int = 64
     max_seq_len: int = 128  # SFT rows; the verifier gets 32 more
