@@ -51,7 +51,7 @@ class DemoConfig:
     ppo_buffer: int = 32
     ppo_samples: int = 4
     ppo_estimator: str = "gae"
-    ppo_reward: str = "rm"
+    ppo_reward: str = "rm+rule"  # verifier score + GSM8K rule: the verifier alone has a size bias (README)
     ppo_actor_lr: float = 2e-5
     ppo_critic_lr: float = 1e-4
     ppo_kl: float = 0.1
