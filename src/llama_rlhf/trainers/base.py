@@ -33,7 +33,7 @@ import os
 import random
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Optional, Protocol, Sequence
 
 import torch
@@ -170,6 +170,18 @@ class TrainConfig:
         if self.lr <= 0 or not math.isfinite(self.lr):
             raise ValueError(f"--lr must be a positive number, got {self.lr}")
         lr_factor(0, self.warmup_steps, 1, self.schedule)
+
+
+def train_config(flags: dict, tokenizer_src: Optional[str], extra_state: dict,
+                 plot_keys: tuple[str, ...] = ("loss",)) -> TrainConfig:
+    """The TrainConfig of a `setup_*` function from its flags (its `locals()` on entry): every
+    field of the same name, `max_batch_size` as the micro-batch, and in the state files the
+    absolute train file and checkpoint followed by `extra_state`."""
+    same = {k: v for k, v in flags.items() if k in {f.name for f in fields(TrainConfig)}}
+    state = {"train_file": os.path.abspath(flags["train_file"]), "ckpt_dir": os.path.abspath(flags["ckpt_dir"]),
+             **extra_state}
+    return TrainConfig(**same, micro_batch_size=flags["max_batch_size"], tokenizer_src=tokenizer_src,
+                       plot_keys=plot_keys, extra_state=state)
 
 
 _CKPT_RE = re.compile(r"^(epoch|step)-(\d+)$")

@@ -30,7 +30,7 @@ from .. import parallel
 from ..data.pairs import PairDataset, collate_pairs, load_pair_dataset
 from ..log import get_logger
 from ..losses import dpo_loss
-from .base import TrainConfig, Trainer, autocast, load_for_training
+from .base import Trainer, autocast, load_for_training, train_config
 from .verifier import check_common, forward_hidden
 
 DPO_LOSSES = ("sigmoid", "ipo")
@@ -154,6 +154,7 @@ def setup_dpo(ckpt_dir: str, save_dir: str, train_file: str, model_type: Optiona
               tokenizer_path: Optional[str] = None, eval_batch_size: Optional[int] = None,
               peak_flops: Optional[float] = None, progress: bool = True) -> Trainer:
     """Load data and the reference, cache reference log-probs, free it, build the policy Trainer."""
+    flags = dict(locals())
     from .. import lora as lora_mod
     log = get_logger()
     if loss not in DPO_LOSSES:
@@ -175,16 +176,10 @@ def setup_dpo(ckpt_dir: str, save_dir: str, train_file: str, model_type: Optiona
     if lora_rank is not None and lora_rank > 0:
         lora_mod.apply_lora(model, lora_rank, lora_alpha, seed=seed)
         log.info(f"LoRA rank {lora_rank}: {parallel.param_count(model, trainable_only=True) / 1e6:.3f}M trainable params")
-    cfg = TrainConfig(save_dir=save_dir, micro_batch_size=max_batch_size, accumulation_steps=accumulation_steps,
-                      epochs=epochs, max_steps=max_steps, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
-                      schedule=schedule, max_grad_norm=max_grad_norm, seed=seed, save_steps=save_steps,
-                      log_steps=log_steps, resume=resume, gradient_checkpointing=gradient_checkpointing,
-                      tokenizer_src=tok_src, peak_flops=peak_flops, progress=progress,
-                      plot_keys=("loss", "rewards/margin", "rewards/accuracy"),
-                      extra_state={"train_file": os.path.abspath(train_file), "ckpt_dir": os.path.abspath(ckpt_dir),
-                                   "reference_ckpt_dir": reference_ckpt_dir, "beta": beta, "loss": loss,
-                                   "label_smoothing": label_smoothing, "max_seq_len": max_seq_len,
-                                   "lora_rank": lora_rank})
+    cfg = train_config(flags, tok_src, {"reference_ckpt_dir": reference_ckpt_dir, "beta": beta, "loss": loss,
+                                        "label_smoothing": label_smoothing, "max_seq_len": max_seq_len,
+                                        "lora_rank": lora_rank},
+                       plot_keys=("loss", "rewards/margin", "rewards/accuracy"))
     trainer = Trainer(model, dpo_objective(beta, loss, label_smoothing), len(train), dpo_collate(train, refs[0]), cfg)
     trainer.dataset, trainer.held_out, trainer.reference_logps = train, held_out, refs
     if held_out is not None:

@@ -8,7 +8,6 @@ positions never reach the vocabulary matmul, and no [B, T, V] fp32 logits tensor
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 from .. import parallel
 from ..log import get_logger
 from ..models import causal_mask
-from .base import TrainConfig, Trainer, load_for_training
+from .base import Trainer, load_for_training, train_config
 
 _CHUNK = 1024  # rows of the vocabulary projection formed at once
 
@@ -115,6 +114,7 @@ def setup_sft(ckpt_dir: str, save_dir: str, train_file: str, model_type: Optiona
               tokenizer_path: Optional[str] = None, peak_flops: Optional[float] = None,
               progress: bool = True) -> Trainer:
     """Initialise the TP x DP world, load model + tokenizer + data and build the Trainer."""
+    flags = dict(locals())
     from .. import lora as lora_mod
     from ..data.sft import load_sft_dataset, sft_collate_fn
 
@@ -127,13 +127,7 @@ def setup_sft(ckpt_dir: str, save_dir: str, train_file: str, model_type: Optiona
         lora_mod.apply_lora(model, lora_rank, lora_alpha, seed=seed)
         n_train = parallel.param_count(model, trainable_only=True)
         log.info(f"LoRA rank {lora_rank}, alpha {lora_alpha or lora_rank}: {n_train / 1e6:.3f}M trainable params")
-    cfg = TrainConfig(save_dir=save_dir, micro_batch_size=max_batch_size, accumulation_steps=accumulation_steps,
-                      epochs=epochs, max_steps=max_steps, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
-                      schedule=schedule, max_grad_norm=max_grad_norm, seed=seed, save_steps=save_steps,
-                      log_steps=log_steps, resume=resume, gradient_checkpointing=gradient_checkpointing,
-                      tokenizer_src=tok_src, peak_flops=peak_flops, progress=progress,
-                      extra_state={"train_file": os.path.abspath(train_file), "ckpt_dir": os.path.abspath(ckpt_dir),
-                                   "packing": packing, "max_seq_len": max_seq_len, "lora_rank": lora_rank})
+    cfg = train_config(flags, tok_src, {"packing": packing, "max_seq_len": max_seq_len, "lora_rank": lora_rank})
     trainer = Trainer(model, sft_objective, len(dataset), sft_collate_fn(dataset, packing), cfg)
     trainer.dataset = dataset
     return trainer

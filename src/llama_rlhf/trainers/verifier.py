@@ -32,7 +32,7 @@ from .. import parallel
 from ..data.pairs import PairDataset, load_pair_dataset, packed_mask
 from ..log import get_logger
 from ..losses import logexpwithlm_loss, pairwise_loss, pointwise_loss
-from .base import TrainConfig, Trainer, autocast, load_for_training
+from .base import Trainer, autocast, load_for_training, train_config
 
 LOSSES = ("pairwise", "logexpwithlm", "pointwise")
 REDUCES = ("last", "mean")
@@ -213,6 +213,7 @@ def setup_verifier(ckpt_dir: str, save_dir: str, train_file: str, model_type: Op
                    eval_batch_size: Optional[int] = None, peak_flops: Optional[float] = None,
                    progress: bool = True) -> VerifierTrainer:
     """Load solver + data, attach the head (+ LoRA), build the Trainer (with held-out eval)."""
+    flags = dict(locals())
     from .. import lora as lora_mod
     from ..models import attach_reward_head
     log = get_logger()
@@ -231,15 +232,9 @@ def setup_verifier(ckpt_dir: str, save_dir: str, train_file: str, model_type: Op
         model.reward_head.requires_grad_(True)  # the new head always trains fully
         log.info(f"LoRA rank {lora_rank} + reward head: "
                  f"{parallel.param_count(model, trainable_only=True) / 1e6:.3f}M trainable params")
-    cfg = TrainConfig(save_dir=save_dir, micro_batch_size=max_batch_size, accumulation_steps=accumulation_steps,
-                      epochs=epochs, max_steps=max_steps, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
-                      schedule=schedule, max_grad_norm=max_grad_norm, seed=seed, save_steps=save_steps,
-                      log_steps=log_steps, resume=resume, gradient_checkpointing=gradient_checkpointing,
-                      tokenizer_src=tok_src, peak_flops=peak_flops, progress=progress,
-                      plot_keys=("loss", "accuracy", "margin"),
-                      extra_state={"train_file": os.path.abspath(train_file), "ckpt_dir": os.path.abspath(ckpt_dir),
-                                   "loss": loss, "lm_coef": lm_coef, "reduce": reduce, "packing": packing,
-                                   "max_seq_len": max_seq_len, "lora_rank": lora_rank})
+    cfg = train_config(flags, tok_src, {"loss": loss, "lm_coef": lm_coef, "reduce": reduce, "packing": packing,
+                                        "max_seq_len": max_seq_len, "lora_rank": lora_rank},
+                       plot_keys=("loss", "accuracy", "margin"))
     use_packing = packing and train.kind == "pairwise"
 
     def collate(indices: list[int], epoch: int, _ds=train) -> dict:
