@@ -120,13 +120,14 @@ class Pipeline:
         c = self.cfg
         if not c.gsm8k:
             write_synthetic(self.data, c.n_train or 4000, c.n_test or 500, seed=c.seed, slip=c.slip)
-        for split, n in (("train", c.n_train), ("test", c.n_test)) if c.gsm8k else ():
-            src, dst = os.path.join(c.gsm8k, f"{split}.jsonl"), os.path.join(self.data, f"{split}.json")
-            if not os.path.isfile(src):
-                raise FileNotFoundError(f"GSM8K={c.gsm8k}: no {split}.jsonl there (the official release files)")
-            convert_gsm8k(src, dst)
-            if n:
-                write_json_atomic(load_records(dst, ("instruction", "output", "label"))[:n], dst)
+        else:
+            for split, n in (("train", c.n_train), ("test", c.n_test)):
+                src, dst = os.path.join(c.gsm8k, f"{split}.jsonl"), os.path.join(self.data, f"{split}.json")
+                if not os.path.isfile(src):
+                    raise FileNotFoundError(f"GSM8K={c.gsm8k}: no {split}.jsonl there (the official release files)")
+                convert_gsm8k(src, dst)
+                if n:
+                    write_json_atomic(load_records(dst, ("instruction", "output", "label"))[:n], dst)
         return load_records(os.path.join(self.data, "train.json"), ("instruction", "output"))
 
     def _random_model(self, records: list[dict]) -> None:
