@@ -48,7 +48,7 @@ def write_sft_data(root: Path, new_tokens: int) -> int:
     Each answer is the solution repeated, so every row is cut at that length, as full as the
     longest PPO rollout of a random actor (which rarely stops before new_tokens)."""
     from llama_rlhf.data.records import write_json_atomic
-    from llama_rlhf.data.template import format_prompt
+    from llama_rlhf.tasks.gsm8k import format_prompt
     from llama_rlhf.tokenizers import load_tokenizer
 
     tok = load_tokenizer(root / "actor")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import fire
 
 from llama_rlhf.cli import run_cli
-from llama_rlhf.data.gsm8k import convert_gsm8k
+from llama_rlhf.tasks.gsm8k import convert_gsm8k
 
 
 def main(src: str, dst: str) -> None:

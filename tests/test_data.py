@@ -9,7 +9,7 @@ import pytest
 
 from llama_rlhf.data.records import DataError, load_records, write_json_atomic
 from llama_rlhf.data.synthetic import make_problems, make_splits, write_synthetic
-from llama_rlhf.evaluation import extract_answer
+from llama_rlhf.tasks.gsm8k import extract_answer
 
 KEYS = ("instruction", "label")
 STEP = re.compile(r"(\d+) ([-+*]) (\d+) = (\d+)")

@@ -5,8 +5,8 @@ import pytest
 
 from llama_rlhf.checkpoint import load_model, load_source, save_meta
 from llama_rlhf.data.synthetic import make_problems
-from llama_rlhf.data.template import format_prompt
 from llama_rlhf.evaluation.evaluate import encode_prompts, evaluate, generate_texts, score_item, summarize
+from llama_rlhf.tasks.gsm8k import format_prompt
 from llama_rlhf.tokenizers import load_tokenizer
 from tests.fakes import tiny_sentencepiece
 from tests.helpers import ROOT, run_script, tiny_hf_model, torchrun

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from llama_rlhf.data.gsm8k import convert_gsm8k
 from llama_rlhf.data.records import DataError, load_records
-from llama_rlhf.evaluation import extract_answer, is_correct, majority_vote, normalize_number
+from llama_rlhf.tasks.gsm8k import convert_gsm8k, extract_answer, is_correct, majority_vote, normalize_number
 
 GSM8K = Path(__file__).resolve().parents[2] / "shared/datasets/gsm8k"
 

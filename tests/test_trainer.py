@@ -142,7 +142,7 @@ def test_packing_same_loss_and_grads(tiny, tmp_path):
 
 def test_loss_mask_covers_answer_and_eos_only(tiny):
     from llama_rlhf.data.sft import SFTDataset
-    from llama_rlhf.data.template import format_prompt
+    from llama_rlhf.tasks.gsm8k import format_prompt
     tok = load_tokenizer(tiny / "tp1")
     records = [{"instruction": "Tom has 3 apples.", "output": ["He has 3 apples.", "The answer is 3."]}]
     ds = SFTDataset(records, tok, max_seq_len=256, seed=0)

@@ -114,9 +114,9 @@ class Pipeline:
     def _data(self) -> list[dict]:
         """The synthetic task, or the real GSM8K files run through the converter (first
         --n_train / --n_test problems)."""
-        from .data.gsm8k import convert_gsm8k
         from .data.records import load_records, write_json_atomic
         from .data.synthetic import write_synthetic
+        from .tasks.gsm8k import convert_gsm8k
         c = self.cfg
         if not c.gsm8k:
             write_synthetic(self.data, c.n_train or 4000, c.n_test or 500, seed=c.seed, slip=c.slip)

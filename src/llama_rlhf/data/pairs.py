@@ -12,7 +12,7 @@ Record formats (a JSON list or JSONL):
 * pointwise: ``{"instruction": str, "output": str, "label": 0 | 1}`` (pointwise verifier loss
   only; pairwise files also serve the pointwise loss: chosen = 1, rejected = 0).
 
-Tokenisation (data/template.py, identical to SFT and to generation):
+Tokenisation (tasks/gsm8k.py's template, identical to SFT and to generation):
 
     prompt   = encode(format_prompt(instruction), bos=True, eos=False)
     response = encode(text, bos=False, eos=False) + [eos]
@@ -42,9 +42,10 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from ..config import flag
 from ..log import get_logger
+from ..tasks.gsm8k import format_prompt, grade
 from .records import DataError, load_records, write_json_atomic
-from .template import format_prompt
 
 KINDS = ("pairwise", "pointwise")
 
@@ -303,9 +304,8 @@ def results_items(results: Any, source: str) -> list[dict]:
 
 
 def sample_correctness(item: dict, outputs: list[str]) -> list[bool]:
-    from ..evaluation.gsm8k import extract_answer, is_correct
     label = str(item["label"])
-    return [is_correct(extract_answer(t), label) for t in outputs]
+    return [grade(t, label) for t in outputs]
 
 
 def _spread(n_c: int, n_r: int) -> list[tuple[int, int]]:
@@ -360,6 +360,18 @@ def make_pairs(results_json: str, dst: str, max_pairs_per_question: int = 4) -> 
     return stats
 
 
-__all__ = ["Pair", "Point", "PairDataset", "load_pair_dataset", "encode_prompt", "encode_response", "fit_length",
+@dataclass
+class PairsConfig:
+    """`dataset/make_pairs.py`'s flags."""
+    results: str = flag(path="file")  # solver_evaluate.py --num_samples K results.json
+    dst: str = flag()
+    max_pairs_per_question: int = 4
+
+
+def make_pairs_command(cfg: PairsConfig) -> dict:
+    return make_pairs(cfg.results, cfg.dst, cfg.max_pairs_per_question)
+
+
+__all__ = ["PairsConfig", "make_pairs_command", "Pair", "Point", "PairDataset", "load_pair_dataset", "encode_prompt", "encode_response", "fit_length",
            "collate_pairs", "collate_sequences", "packed_mask", "make_pairs", "results_items",
            "sample_correctness", "DataError"]

@@ -22,8 +22,8 @@ from typing import Sequence
 import torch
 
 from ..log import get_logger
+from ..tasks.gsm8k import format_prompt
 from .records import DataError, load_records
-from .template import format_prompt
 
 REQUIRED = ("instruction", "output")
 

@@ -19,7 +19,7 @@ import torch
 from .. import parallel
 from ..data.pairs import encode_prompt, encode_response, fit_length, results_items
 from ..log import get_logger
-from .gsm8k import extract_answer, is_correct, majority_vote
+from ..tasks.gsm8k import extract_answer, is_correct, majority_vote
 
 
 @torch.no_grad()

@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from ..evaluation.gsm8k import extract_answer, is_correct
+from ..tasks.gsm8k import extract_answer, is_correct
 
 REWARDS = ("rm", "rule", "rm+rule")
 

@@ -18,10 +18,10 @@ import torch
 from .. import parallel
 from ..checkpoint import CheckpointError, load_model, save_model, shard_files
 from ..data.records import load_records
-from ..data.template import format_prompt
 from ..log import get_logger
 from ..metrics import MetricsLogger
 from ..models.args import read_args
+from ..tasks.gsm8k import extract_answer, format_prompt, is_correct
 from ..tokenizers import load_tokenizer
 from . import timeline
 from .config import PPOConfig
@@ -114,7 +114,6 @@ def heldout_accuracy(cfg: PPOConfig, actor, tokenizer, part: Optional[tuple[int,
     """Greedy accuracy of the actor on `--label_file`: replica `part[0]` of `part[1]` evaluating
     the actor (default: every DP replica) takes every part[1]-th record; `actor` None adds 0."""
     from ..evaluation.evaluate import generate_texts
-    from ..evaluation.gsm8k import extract_answer, is_correct
     records = load_records(cfg.label_file, required=("instruction", "label"))
     index, count = part or (parallel.dp_rank(), parallel.dp_size())
     correct = 0
