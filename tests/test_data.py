@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
 import pytest
 
+from llama_rlhf.data.pairs import PairDataset
 from llama_rlhf.data.records import DataError, load_records, write_json_atomic
+from llama_rlhf.data.sft import SFTDataset
 from llama_rlhf.data.synthetic import make_problems, make_splits, write_synthetic
+from llama_rlhf.log import get_logger
 from llama_rlhf.tasks.gsm8k import extract_answer
 
 KEYS = ("instruction", "label")
@@ -113,3 +117,41 @@ def test_slips_go_into_train_solutions_only_and_labels_stay_true():
     assert make_splits(300, 50, seed=2, slip=0.0) == (clean_train, clean_test)
     with pytest.raises(ValueError, match="slip"):
         make_splits(3, 1, seed=0, slip=1.5)
+
+
+class _CharTokenizer:
+    """One id per character; enough for the data sets' counting and warnings."""
+    bos_id, eos_id, pad_id = 1, 2, 0
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        return [self.bos_id] * bos + [3 + ord(c) % 100 for c in text] + [self.eos_id] * eos
+
+
+def _warn_from_datasets() -> None:
+    tok = _CharTokenizer()
+    SFTDataset([{"instruction": "q" * 20, "output": "a" * 20}], tok, max_seq_len=8)  # truncated
+    PairDataset([{"instruction": "q", "chosen": ["a", "b"], "rejected": ["a"]}], tok)  # one identical pair
+
+
+@pytest.fixture
+def project_records(caplog):
+    """Records reaching the project logger (it does not propagate to pytest's root handler)."""
+    root = logging.getLogger("llama_rlhf")
+    get_logger()
+    root.addHandler(caplog.handler)
+    yield caplog
+    root.removeHandler(caplog.handler)
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_data_warnings_come_from_rank_0_only(project_records, monkeypatch, rank):
+    monkeypatch.setenv("RANK", rank)
+    _warn_from_datasets()
+    warnings = [r.getMessage() for r in project_records.records if r.levelno == logging.WARNING]
+    if rank == "0":
+        assert any("truncated 1 of 1 sequences" in m for m in warnings)
+        assert any("skipped 1 pair(s) whose chosen and rejected texts are identical" in m for m in warnings)
+    else:
+        assert warnings == [] and project_records.records == []
+    get_logger("llama_rlhf.data.sft").error("boom")  # errors can be local to a rank: every rank reports them
+    assert project_records.records[-1].getMessage() == "boom"
