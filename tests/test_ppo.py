@@ -1,6 +1,8 @@
-"""PPO: rollout and training log-probs agree (ratio 1 on the first minibatch), the
-buffer round-trips through disk, and bad input fails before any work."""
+"""PPO: rollout and training log-probs agree (ratio 1 on the first minibatch), group (GRPO /
+RLOO) advantages in the buffer equal a hand computation, the buffer round-trips through disk,
+and bad input fails before any work."""
 import json
+import math
 
 import pytest
 import torch
@@ -39,11 +41,41 @@ def test_first_minibatch_ratio_is_one(ckpts, tmp_path):
     assert {"reward/mean", "kl", "actor/clipfrac", "critic/explained_variance", "time/rollout"} <= rows[0].keys()
 
 
+def _group_advantages(scores: list[float], k: int, estimator: str) -> list[float]:
+    """By hand: GRPO (r - mean) / (population std + 1e-6), RLOO r - mean of the other k - 1."""
+    out = []
+    for g in range(0, len(scores), k):
+        r = scores[g:g + k]
+        mean = sum(r) / k
+        if estimator == "grpo":
+            std = math.sqrt(sum((x - mean) ** 2 for x in r) / k)
+            out += [(x - mean) / (std + 1e-6) for x in r]
+        else:
+            out += [x - (sum(r) - x) / (k - 1) for x in r]
+    return out
+
+
 @pytest.mark.parametrize("estimator", ["grpo", "rloo"])
 def test_group_estimators_run_without_critic(ckpts, tmp_path, estimator):
-    stats = train_ppo(_cfg(ckpts, actor_save_dir=str(tmp_path / "a"), estimator=estimator, num_samples=2,
-                           critic_ckpt_dir=None, reward="rule", kl_in="loss", kl_estimator="k3"))
+    # rm+rule: the verifier's score makes the samples of a prompt differ, so the advantages are not all 0.
+    k = 3
+    stats = train_ppo(_cfg(ckpts, actor_save_dir=str(tmp_path / "a"), estimator=estimator, num_samples=k,
+                           critic_ckpt_dir=None, reward="rm+rule", kl_in="loss", kl_estimator="k3",
+                           save_buffer=True))
     assert stats["first/ratio_max_abs_dev"] <= 1e-5
+    buf = RolloutBuffer.load(str(tmp_path / "a/buffer.00.pt"))
+    n = len(buf)
+    assert n == 4 * k and all(buf.prompts[i] == buf.prompts[i - i % k] for i in range(n))  # groups contiguous
+    scores = buf.scores.tolist()
+    assert all(len({round(x, 6) for x in scores[g:g + k]}) > 1 for g in range(0, n, k))
+    # KL in the loss: a response's reward is its score alone.
+    assert torch.allclose(buf.rewards.sum(1), buf.scores, atol=1e-6)
+    expected = torch.zeros(n, buf.width())
+    for i, a in enumerate(_group_advantages(scores, k, estimator)):
+        p, r = len(buf.prompts[i]), len(buf.responses[i])
+        expected[i, p - 1:p - 1 + r] = a  # the same advantage on every action token, 0 elsewhere
+    assert buf.advantages.shape == expected.shape
+    torch.testing.assert_close(buf.advantages.float(), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_ratio_is_one_at_tp2(ckpts, tmp_path):
