@@ -31,6 +31,22 @@ def _kw(env, tmp_path, **kw) -> dict:
     return {**base, **kw}
 
 
+def _plain_logps(model, prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
+    """Oracle: summed log p(response | prompt) per row from the model's full logits (forward,
+    log_softmax, gather of the response tokens, masked sum), no project scoring code."""
+    rows = [p + r for p, r in zip(prompts, responses)]
+    T = max(map(len, rows))
+    tokens = torch.zeros(len(rows), T, dtype=torch.long)  # right padding: causal rows never see it
+    mask = torch.zeros(len(rows), T - 1, dtype=torch.bool)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        tokens[i, :len(p) + len(r)] = torch.tensor(p + r)
+        mask[i, len(p) - 1:len(p) + len(r) - 1] = True  # position j predicts token j + 1
+    with torch.no_grad():
+        logp = torch.log_softmax(model(tokens).double(), dim=-1)[:, :-1]  # [B, T-1, V]
+    picked = logp.gather(2, tokens[:, 1:, None])[..., 0]
+    return (picked * mask).sum(1).float()
+
+
 def test_sequence_logps_match_scoring_alignment(env):
     tok = load_tokenizer(str(env / "solver-tp1"))
     ds = load_pair_dataset(str(env / "test.json"), tok)
@@ -42,6 +58,9 @@ def test_sequence_logps_match_scoring_alignment(env):
         ref = (action_logprobs(model, b) * b.action_mask).sum(1)
         ours = sequence_logps(model, ds.collate([0, 1, 2]))
     assert torch.allclose(ours, ref, atol=1e-4)
+    oracle = _plain_logps(model, prompts, responses)
+    assert oracle.abs().min() > 1.0  # real sums over several tokens, not zeros
+    assert torch.allclose(ours, oracle, rtol=1e-5, atol=1e-4)
 
 
 def test_dpo_raises_held_out_margin_with_a_cached_reference(env, tmp_path, monkeypatch):
@@ -67,6 +86,12 @@ def test_dpo_raises_held_out_margin_with_a_cached_reference(env, tmp_path, monke
     fresh = pair_logps(initial, [trainer.dataset, trainer.held_out], 16)
     for cached, new in zip(trainer.reference_logps, fresh):
         assert torch.allclose(cached, new, atol=1e-4)
+    # ... and equals the initial policy's log-probs computed by hand, pair by pair.
+    for ds, cached in zip([trainer.dataset, trainer.held_out], trainer.reference_logps):
+        prompts = [p.prompt for p in ds.pairs]
+        chosen = _plain_logps(initial, prompts, [p.chosen for p in ds.pairs])
+        rejected = _plain_logps(initial, prompts, [p.rejected for p in ds.pairs])
+        assert torch.allclose(cached, torch.stack([chosen, rejected], 1), rtol=1e-5, atol=1e-4)
     saved = json.loads((tmp_path / "out/epoch-2/params.json").read_text())
     assert saved["reward_head"] == 0  # DPO checkpoints are solvers
 

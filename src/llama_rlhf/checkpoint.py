@@ -13,14 +13,16 @@ import json
 import os
 import re
 import shutil
-import tempfile
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from . import parallel
+from . import gguf  # .gguf sources; gguf.py reads this module's CheckpointError at raise time
+from .log import get_logger
 from .models import ModelArgs, build_model, read_args, write_params
-from .models.args import ConfigError, args_from_params, family_of
+from .models.args import ConfigError, args_from_params, family_of, hf_config_from_args
+from .tokenizers import Tokenizer, load_tokenizer, save_tokenizer
 
 # ----------------------------------------------------------------------------- the two tables
 
@@ -245,6 +247,10 @@ def load_source(src: str, model_type: Optional[str] = None) -> tuple[dict, Model
     elif os.path.isdir(src):
         sd = _hf_dir_state(src)
         args = read_args(src, model_type)
+    elif src.endswith(".gguf"):
+        sd, args = gguf.read_gguf(src)  # config, weights and tokenizer all live in the one file
+        if model_type and family_of(model_type) != args.family:
+            raise ConfigError(f"{src} is a {args.family} GGUF but --model_type {model_type} is {family_of(model_type)}")
     else:
         sd = _load_file(src)
         args = _args_for(os.path.dirname(os.path.abspath(src)), model_type, sd)
@@ -262,7 +268,6 @@ def load_source(src: str, model_type: Optional[str] = None) -> tuple[dict, Model
 
 def _copy_tokenizer(tokenizer_src: Optional[str], dst: str) -> None:
     if tokenizer_src:
-        from .tokenizers import load_tokenizer, save_tokenizer
         save_tokenizer(load_tokenizer(tokenizer_src), dst)
 
 
@@ -283,12 +288,44 @@ def _same_dir(a: str, b: str) -> bool:
                for n in names)
 
 
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """`torch.save` to `path.tmp`, then rename: a reader sees the old file or the whole new one,
+    never a torn one, even when the writer is killed mid-write (the stale `.tmp` is simply
+    overwritten next time)."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+    os.replace(tmp, path)
+
+
+def _begin_dir(dst: str) -> str:
+    """An empty `dst.tmp` to write a checkpoint into; what a killed writer left is dropped."""
+    tmp, old = dst + ".tmp", dst + ".old"
+    if not os.path.exists(dst) and os.path.isdir(old):
+        os.replace(old, dst)  # killed between the two renames of _swap_in: the old one is still whole
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    return tmp
+
+
+def _swap_in(tmp: str, dst: str) -> None:
+    """Publish the complete `tmp` as `dst`; a previous `dst` stays whole until the last moment."""
+    old = dst + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.isdir(dst) and not os.listdir(dst):
+        os.rmdir(dst)
+    if os.path.exists(dst):
+        os.replace(dst, old)  # a directory cannot be renamed over a non-empty one
+    os.replace(tmp, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def commit_dir(write: Callable[[str], None], dst: str, overwrite: bool = False) -> None:
-    """Write a whole directory via `write(tmp)` then rename it to `dst`, so a crash
-    never leaves a half-written checkpoint and never touches the last good one."""
-    parent = os.path.dirname(os.path.abspath(dst))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(dst), dir=parent)
+    """One process writes a whole directory via `write(tmp)`, then it replaces `dst`, so a
+    crash never leaves a half-written checkpoint and never touches the last good one."""
+    tmp = _begin_dir(dst)
     try:
         write(tmp)
         if os.path.exists(dst) and os.listdir(dst):
@@ -296,14 +333,7 @@ def commit_dir(write: Callable[[str], None], dst: str, overwrite: bool = False) 
                 return
             if not overwrite:
                 raise CheckpointError(f"--save_path {dst} already holds a different checkpoint (pass --overwrite)")
-            old = dst + ".old"
-            os.replace(dst, old)
-            os.replace(tmp, dst)
-            shutil.rmtree(old)
-        else:
-            if os.path.isdir(dst):
-                os.rmdir(dst)
-            os.replace(tmp, dst)
+        _swap_in(tmp, dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -316,25 +346,38 @@ def save_meta(sd: dict, args: ModelArgs, dst: str, n: int, tokenizer_src: Option
 
     def write(tmp: str) -> None:
         for i, shard in enumerate(shards):
-            torch.save(shard, os.path.join(tmp, f"consolidated.{i:02d}.pth"))
+            atomic_torch_save(shard, os.path.join(tmp, f"consolidated.{i:02d}.pth"))
         write_params(args, tmp)
         _copy_tokenizer(tokenizer_src, tmp)
 
     commit_dir(write, dst, overwrite)
 
 
+def special_token_ids(tok: Tokenizer) -> dict[str, Optional[int]]:
+    """config.json's bos / eos / pad ids as the tokenizer defines them (Llama-3 and Qwen do not
+    use Llama-2's 1 / 2; Qwen has no BOS: null). pad only when the tokenizer has a real one."""
+    ids: dict[str, Optional[int]] = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id}
+    if tok._real_pad_id is not None:  # `pad_id` falls back to eos, which is no pad token of the model
+        ids["pad_token_id"] = tok._real_pad_id
+    return ids
+
+
 def save_hf(sd: dict, args: ModelArgs, dst: str, tokenizer_src: Optional[str] = None,
             overwrite: bool = False) -> None:
     """Full state dict -> an HF directory that `transformers` loads directly."""
     from safetensors.torch import save_file
-    from .models.args import hf_config_from_args
     hf = {k: v.contiguous() for k, v in meta_to_hf(sd, args).items()}
+    tok = load_tokenizer(tokenizer_src) if tokenizer_src else None
+    config = hf_config_from_args(args)
+    if tok is not None:
+        config.update(special_token_ids(tok))
 
     def write(tmp: str) -> None:
         save_file(hf, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(hf_config_from_args(args), f, indent=2)
-        _copy_tokenizer(tokenizer_src, tmp)
+            json.dump(config, f, indent=2)
+        if tok is not None:
+            save_tokenizer(tok, tmp)
 
     commit_dir(write, dst, overwrite)
 
@@ -372,45 +415,52 @@ def _check_role(args: ModelArgs, role: Optional[str], ckpt_dir: str) -> None:
                               f"a verifier checkpoint is expected here")
 
 
-def save_model(model, dst: str, tokenizer_src: Optional[str] = None, state: Optional[dict] = None,
-               model_state: Optional[dict] = None) -> None:
-    """Every TP rank of replica 0 writes its shard into one temp dir, renamed by rank 0.
+def save_model(model: Optional[torch.nn.Module], dst: str, tokenizer_src: Optional[str] = None,
+               state: Optional[dict] = None, model_state: Optional[dict] = None,
+               writer_replica: Optional[int] = None) -> None:
+    """Write the checkpoint dir `dst` atomically; every rank calls it.
 
-    `state` (training state) goes to `state.RR.pth` of every rank; `model_state` replaces
-    `model.state_dict()` as the weights written (e.g. LoRA adapters merged in)."""
+    The TP ranks of one DP replica write the shards: `writer_replica` (None: every replica
+    holds the model and replica 0 writes; give it when only some replicas hold the model,
+    the others may pass `model` None). `model_state` replaces `model.state_dict()` as the
+    weights written (e.g. LoRA merged in; read on the writing replica only). `state`, if
+    given, goes to `state.RR.pth` of every rank. Files land in `dst.tmp`, which the writer's
+    TP rank 0 renames to `dst` once all ranks are done, so a crash leaves `dst` as it was."""
+    writer = 0 if writer_replica is None else writer_replica
+    if not 0 <= writer < parallel.dp_size():
+        raise ValueError(f"save_model: writer_replica {writer} is not a replica (DP size {parallel.dp_size()})")
+    writes = parallel.dp_rank() == writer
+    lead = writes and parallel.tp_rank() == 0
+    if writes and model is None:
+        raise ValueError(f"save_model {dst}: replica {writer} writes the shards but holds no model")
     tmp = dst + ".tmp"
-    if parallel.is_main():
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    parallel.barrier()
-    if parallel.dp_rank() == 0:
+    if lead:
+        _begin_dir(dst)
+    parallel.barrier()  # the temp dir exists before anyone writes into it
+    if writes:
         weights = model.state_dict() if model_state is None else model_state
         sd = {k: v.detach().to("cpu").clone() for k, v in weights.items()}
-        torch.save(sd, os.path.join(tmp, f"consolidated.{parallel.tp_rank():02d}.pth"))
+        atomic_torch_save(sd, os.path.join(tmp, f"consolidated.{parallel.tp_rank():02d}.pth"))
     if state is not None:
-        torch.save(state, os.path.join(tmp, f"state.{parallel.rank():02d}.pth"))
-    parallel.barrier()
-    if parallel.is_main():
+        atomic_torch_save(state, os.path.join(tmp, f"state.{parallel.rank():02d}.pth"))
+    parallel.barrier()  # every rank's files are in before the rename publishes them
+    if lead:
         write_params(model.args, tmp)
         _copy_tokenizer(tokenizer_src, tmp)
-        old = dst + ".old"
-        if os.path.exists(dst):
-            os.replace(dst, old)
-        os.replace(tmp, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    parallel.barrier()
+        _swap_in(tmp, dst)
+    parallel.barrier()  # nobody reads or re-saves `dst` before it is in place
 
 
-def split_command(ckpt_file: str, save_path: str, n: int = 1, model_type: Optional[str] = None,
-                  to: str = "meta", tokenizer_file: Optional[str] = None, overwrite: bool = False) -> None:
-    """checkpoint_split.py: any source -> N Meta shards, or -> an HF directory."""
-    from .log import get_logger
+def split_command(ckpt_file: str, save_path: str, n: Optional[int] = None, model_type: Optional[str] = None,
+                  to: str = "meta", tokenizer_file: Optional[str] = None, overwrite: bool = False,
+                  num_shards: Optional[int] = None) -> None:
+    """checkpoint_split.py: any source -> `num_shards` Meta shards (`n` is its old name), or ->
+    an HF directory."""
     if int(os.environ.get("RANK", 0)) != 0:
         return  # torchrun may start several processes; one does the work (no process group needed)
     if to not in ("meta", "hf"):
-        raise ValueError(f"--to must be 'meta' or 'hf', got {to!r}")
-    if n < 1:
-        raise ValueError(f"--n must be >= 1, got {n}")
+        raise CheckpointError(f"--to must be 'meta' or 'hf', got {to!r}")
+    shards = _shard_count(num_shards, n)
     if model_type:
         family_of(model_type)
     sd, args = load_source(ckpt_file, model_type)
@@ -418,6 +468,16 @@ def split_command(ckpt_file: str, save_path: str, n: int = 1, model_type: Option
     if to == "hf":
         save_hf(sd, args, save_path, tok, overwrite)
     else:
-        save_meta(sd, args, save_path, n, tok, overwrite)
-    get_logger().info(f"wrote {save_path} ({'HF' if to == 'hf' else f'{n} shards'}, {args.family}, "
+        save_meta(sd, args, save_path, shards, tok, overwrite)
+    get_logger().info(f"wrote {save_path} ({'HF' if to == 'hf' else f'{shards} shards'}, {args.family}, "
                       f"{sum(t.numel() for t in sd.values()) / 1e6:.2f}M params)")
+
+
+def _shard_count(num_shards: Optional[int], n: Optional[int]) -> int:
+    """--num_shards, or its alias --n (torchrun >= 2.13 takes `--n` for an ambiguous option of its own)."""
+    if num_shards is not None and n is not None and num_shards != n:
+        raise CheckpointError(f"--num_shards {num_shards} and --n {n} disagree (--n is an alias: give one)")
+    count = num_shards if num_shards is not None else 1 if n is None else n
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise CheckpointError(f"--num_shards must be an integer >= 1, got {count!r}")
+    return count

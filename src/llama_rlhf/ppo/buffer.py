@@ -6,12 +6,12 @@ position j holds the log-prob / value / reward of token j+1.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import torch
 
+from ..checkpoint import atomic_torch_save
 from ..scoring import PairBatch, pair_batch
 
 
@@ -56,9 +56,7 @@ class RolloutBuffer:
 
     def save(self, path: str) -> None:
         """Atomic write, so a crash never leaves a half buffer behind."""
-        tmp = path + ".tmp"
-        torch.save(dataclasses.asdict(self), tmp)
-        os.replace(tmp, path)
+        atomic_torch_save(dataclasses.asdict(self), path)
 
     @classmethod
     def load(cls, path: str) -> "RolloutBuffer":
