@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llama_rlhf.checkpoint import CheckpointError, load_model, load_source, split_command, split_state_dict, shard_dim
+from llama_rlhf.checkpoint import (CheckpointError, load_model, load_source, shard_dim, shard_files, split_command,
+                                   split_state_dict)
 from llama_rlhf.models.args import ConfigError
 from tests.helpers import run_script, tiny_hf_model
 
@@ -78,7 +79,7 @@ def test_bad_inputs_raise_clear_errors(hf_dir, tmp_path):
         split_command(str(root / "hf"), str(tmp_path / "d5"), n=1, model_type="qwen-tiny")
     for d in ("d1", "d2", "d3", "d4", "d5"):
         assert not (tmp_path / d).exists()
-    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
 
 
 def test_shard_count_must_equal_tp_size(hf_dir, tmp_path):
@@ -112,3 +113,50 @@ def test_cli_error_is_one_line_and_nonzero(tmp_path):
     lines = [line for line in proc.stderr.strip().splitlines() if line]
     assert len(lines) == 1 and "nope" in lines[0], proc.stderr
     assert not (tmp_path / "d").exists()
+
+
+def test_num_shards_and_its_alias_n(hf_dir, tmp_path):
+    split_command(str(hf_dir / "hf"), str(tmp_path / "a"), num_shards=2)
+    split_command(str(hf_dir / "hf"), str(tmp_path / "b"), n=2)
+    split_command(str(hf_dir / "hf"), str(tmp_path / "c"), num_shards=2, n=2)  # agreeing: fine
+    for d in "abc":
+        assert len(shard_files(str(tmp_path / d))) == 2
+    with pytest.raises(CheckpointError, match="--num_shards 2 and --n 1 disagree"):
+        split_command(str(hf_dir / "hf"), str(tmp_path / "d"), num_shards=2, n=1)
+    with pytest.raises(CheckpointError, match="--num_shards must be an integer >= 1"):
+        split_command(str(hf_dir / "hf"), str(tmp_path / "e"), num_shards=0)
+    assert not (tmp_path / "d").exists() and not (tmp_path / "e").exists()
+
+
+def _hf_tokenizer(dst, bos: bool):
+    """A tokenizer.json dir whose ids are not Llama-2's: pad 1, bos 3, eos 4 (with `bos`);
+    without `bos` it has no BOS and no pad, as Qwen's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    specials = ["<unk>", "<|pad|>", "<|reserved|>", "<|begin_of_text|>", "<|end_of_text|>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    words = ["twelve apples and seven pears", "the answer is 19", "she sold 48 clips in May"]
+    tok.train_from_iterator(words, trainers.BpeTrainer(vocab_size=80, special_tokens=specials, show_progress=False))
+    tok.save(str(dst / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|end_of_text|>", "unk_token": "<unk>"}
+    if bos:
+        config.update(bos_token="<|begin_of_text|>", pad_token="<|pad|>")
+    (dst / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("bos,expected", [(True, {"bos_token_id": 3, "eos_token_id": 4, "pad_token_id": 1}),
+                                          (False, {"bos_token_id": None, "eos_token_id": 4})])
+def test_hf_export_takes_special_ids_from_the_tokenizer(hf_dir, tmp_path, bos, expected):
+    import shutil
+    import transformers
+    src = tmp_path / "src"
+    shutil.copytree(hf_dir / "hf", src)
+    _hf_tokenizer(src, bos)
+    split_command(str(src), str(tmp_path / "tp1"), num_shards=1)  # the tokenizer travels with the shards
+    split_command(str(tmp_path / "tp1"), str(tmp_path / "hf"), to="hf")
+    config = json.loads((tmp_path / "hf/config.json").read_text())
+    assert {k: config.get(k) for k in expected} == expected
+    assert ("pad_token_id" in config) == ("pad_token_id" in expected)
+    loaded = transformers.AutoConfig.from_pretrained(tmp_path / "hf")
+    assert (loaded.bos_token_id, loaded.eos_token_id) == (expected["bos_token_id"], 4)
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf").eos_token_id == 4
