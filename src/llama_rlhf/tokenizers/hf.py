@@ -7,8 +7,9 @@ from .base import Tokenizer
 
 # Everything a tokenizer directory may hold that AutoTokenizer reads back; transformers >= 5
 # keeps the chat template in its own chat_template.jinja rather than in tokenizer_config.json.
+# generation_config.json travels too: it lists the eos ids beyond the tokenizer's one (<|eot_id|>).
 HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-            "chat_template.jinja", "chat_template.json", "tokenizer.model")
+            "chat_template.jinja", "chat_template.json", "tokenizer.model", "generation_config.json")
 
 
 class HFTokenizer(Tokenizer):
@@ -23,6 +24,10 @@ class HFTokenizer(Tokenizer):
             raise ValueError(f"{self.path}: cannot load HF tokenizer ({first})") from None
         if self.tok.eos_token_id is None:
             raise ValueError(f"{self.path}: tokenizer defines no eos token")
+        # A bos token the tokenizer never prepends (SmolLM2's <|im_start|>, a GGUF with add_bos_token
+        # false) is no BOS here: Tokenizer.encode would put it in front of every prompt.
+        bos = self.tok.bos_token_id
+        self._bos_id = bos if bos is not None and self.tok.encode("a")[:1] == [bos] else None
 
     def _encode(self, text: str) -> list[int]:
         # Special tokens are added by Tokenizer.encode so that bos/eos mean the same for all.
@@ -34,7 +39,7 @@ class HFTokenizer(Tokenizer):
 
     @property
     def bos_id(self) -> int | None:
-        return self.tok.bos_token_id
+        return self._bos_id
 
     @property
     def eos_id(self) -> int:

@@ -21,7 +21,8 @@ _N_BYTE_PIECES = 256  # byte_fallback reserves one piece per byte value
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """A `.model` file, or a directory holding tokenizer.json (preferred) or tokenizer.model."""
+    """A `.model` file, a `.gguf` (the tokenizer in its metadata), or a directory holding
+    tokenizer.json (preferred) or tokenizer.model."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"tokenizer not found: {p}")
@@ -30,13 +31,27 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
             return HFTokenizer(p.parent)
         if p.suffix == ".model":
             return SentencePieceTokenizer(p)
-        raise ValueError(f"{p}: not a tokenizer file (expected a SentencePiece .model or tokenizer.json)")
+        if p.suffix == ".gguf":
+            return _gguf_tokenizer(p)
+        raise ValueError(f"{p}: not a tokenizer file (expected a SentencePiece .model, tokenizer.json or .gguf)")
     # HF directories of Llama-2/Mistral hold both files; tokenizer.json also brings the chat template.
     if (p / "tokenizer.json").is_file():
         return HFTokenizer(p)
     if (p / "tokenizer.model").is_file():
         return SentencePieceTokenizer(p / "tokenizer.model")
     raise FileNotFoundError(f"{p}: directory holds neither tokenizer.json nor tokenizer.model")
+
+
+def _gguf_tokenizer(path: Path) -> HFTokenizer:
+    """The GGUF's tokenizer as HF files in a temp dir that lives as long as the tokenizer does,
+    so `save_tokenizer` can copy them into a checkpoint."""
+    from ..gguf import write_gguf_tokenizer  # not at the top: gguf -> checkpoint -> this package
+
+    tmp = tempfile.TemporaryDirectory(prefix="gguf-tokenizer-")
+    write_gguf_tokenizer(str(path), tmp.name)
+    tok = HFTokenizer(tmp.name)
+    tok._gguf_files = tmp  # removed when the tokenizer is garbage-collected
+    return tok
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
