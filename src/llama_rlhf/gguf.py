@@ -19,12 +19,14 @@ import torch
 from gguf import GGUFReader, GGUFValueType, ReaderTensor
 from gguf.quants import dequantize
 
-# A module reference, not `from .checkpoint import ...`: checkpoint.py imports this module at its
-# top to hand `.gguf` sources here, and the error class is looked up only when raised.
-from . import checkpoint
 from .log import get_logger
 from .models import ModelArgs
 from .models.args import ConfigError
+
+
+class GGUFError(ValueError):
+    """A GGUF that cannot be imported; one line naming the file. `checkpoint.load_source`
+    re-raises it as its CheckpointError (this module sits below checkpoint in the layers)."""
 
 # (GGUF tensor name, Meta key); {i} is the layer. No q/k permutation: llama.cpp's converter
 # re-interleaves HF's q/k rows for its rope, i.e. a GGUF holds them in Meta's order already
@@ -63,7 +65,7 @@ def _open(path: str) -> GGUFReader:
     try:
         reader = GGUFReader(path)
     except (OSError, ValueError, KeyError) as e:
-        raise checkpoint.CheckpointError(f"{path}: cannot read GGUF: {e}") from None
+        raise GGUFError(f"{path}: cannot read GGUF: {e}") from None
     # Arrays (tokens, merges, scores) are kept as their lengths: nothing here needs their items.
     _METADATA[_file_key(path)] = {k: len(f.data) if f.types[:1] == [GGUFValueType.ARRAY] else f.contents()
                                   for k, f in reader.fields.items()}
@@ -83,25 +85,25 @@ def gguf_args(reader: GGUFReader, path: str) -> ModelArgs:
     meta = gguf_metadata(path)
     arch = meta.get("general.architecture")
     if arch != _ARCH:
-        raise checkpoint.CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported (only {_ARCH!r})")
+        raise GGUFError(f"{path}: GGUF architecture {arch!r} is not supported (only {_ARCH!r})")
 
     def get(key: str, default: Any = None) -> Any:
         value = meta.get(f"{_ARCH}.{key}", default)
         if value is None:
-            raise checkpoint.CheckpointError(f"{path}: GGUF metadata has no {_ARCH}.{key}")
+            raise GGUFError(f"{path}: GGUF metadata has no {_ARCH}.{key}")
         return value
 
     names = {t.name for t in reader.tensors}
     if get("expert_count", 0):
-        raise checkpoint.CheckpointError(f"{path}: GGUF with experts (llama.expert_count) is not supported")
+        raise GGUFError(f"{path}: GGUF with experts (llama.expert_count) is not supported")
     if get("rope.scaling.type", "none") != "none" or "rope_freqs.weight" in names:
-        raise checkpoint.CheckpointError(f"{path}: GGUF rope scaling is not supported")
+        raise GGUFError(f"{path}: GGUF rope scaling is not supported")
     embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     vocab = int(embd.shape[1]) if embd is not None else int(meta.get("tokenizer.ggml.tokens", 0))
     n_heads, dim = int(get("attention.head_count")), int(get("embedding_length"))
     head_dim = int(get("rope.dimension_count", dim // max(n_heads, 1)))
     if head_dim != dim // max(n_heads, 1):
-        raise checkpoint.CheckpointError(f"{path}: rope over {head_dim} of {dim // n_heads} head dims is not supported")
+        raise GGUFError(f"{path}: rope over {head_dim} of {dim // n_heads} head dims is not supported")
     try:
         return ModelArgs(
             family="llama", dim=dim, n_layers=int(get("block_count")), n_heads=n_heads,
@@ -110,7 +112,7 @@ def gguf_args(reader: GGUFReader, path: str) -> ModelArgs:
             rope_theta=float(get("rope.freq_base", 10000.0)), max_seq_len=int(get("context_length", 4096)),
             tie_word_embeddings="output.weight" not in names)
     except (ConfigError, TypeError) as e:  # e.g. a per-layer list where one number is expected
-        raise checkpoint.CheckpointError(f"{path}: GGUF metadata: {e}") from None
+        raise GGUFError(f"{path}: GGUF metadata: {e}") from None
 
 
 def _meta_key(name: str, path: str) -> str:
@@ -118,14 +120,14 @@ def _meta_key(name: str, path: str) -> str:
         m = regex.match(name)
         if m:
             return meta.format(**m.groupdict())
-    raise checkpoint.CheckpointError(f"{path}: GGUF tensor {name!r} has no Meta equivalent (not in GGUF_KEYS)")
+    raise GGUFError(f"{path}: GGUF tensor {name!r} has no Meta equivalent (not in GGUF_KEYS)")
 
 
 def _dequantized(t: ReaderTensor, path: str) -> torch.Tensor:
     try:
         values = dequantize(t.data, t.tensor_type)
     except NotImplementedError:
-        raise checkpoint.CheckpointError(f"{path}: tensor {t.name} is {t.tensor_type.name}, a type the gguf "
+        raise GGUFError(f"{path}: tensor {t.name} is {t.tensor_type.name}, a type the gguf "
                                          f"package cannot dequantize") from None
     # F32 comes back as a read-only view of the memory-mapped file: copy it out, the rest is fresh.
     values = np.array(values, dtype=np.float32, copy=not values.flags.writeable)
@@ -169,13 +171,13 @@ def write_gguf_tokenizer(path: str, dst: str) -> None:
 
     meta = gguf_metadata(path)
     if not meta.get("tokenizer.ggml.tokens"):
-        raise checkpoint.CheckpointError(f"{path}: GGUF has no tokenizer (no tokenizer.ggml.tokens)")
+        raise GGUFError(f"{path}: GGUF has no tokenizer (no tokenizer.ggml.tokens)")
     folder, name = os.path.split(os.path.abspath(path))
     try:
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise checkpoint.CheckpointError(f"{path}: cannot build a tokenizer from the GGUF metadata ({first})") from None
+        raise GGUFError(f"{path}: cannot build a tokenizer from the GGUF metadata ({first})") from None
     tok.model_max_length = int(meta.get(f"{_ARCH}.context_length", tok.model_max_length))
     os.makedirs(dst, exist_ok=True)
     tok.save_pretrained(dst, save_jinja_files=False)  # the chat template goes into tokenizer_config.json

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from ..gguf import write_gguf_tokenizer
 from ..log import get_logger
 from .base import Tokenizer
 from .hf import HFTokenizer
@@ -45,8 +46,6 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
 def _gguf_tokenizer(path: Path) -> HFTokenizer:
     """The GGUF's tokenizer as HF files in a temp dir that lives as long as the tokenizer does,
     so `save_tokenizer` can copy them into a checkpoint."""
-    from ..gguf import write_gguf_tokenizer  # not at the top: gguf -> checkpoint -> this package
-
     tmp = tempfile.TemporaryDirectory(prefix="gguf-tokenizer-")
     write_gguf_tokenizer(str(path), tmp.name)
     tok = HFTokenizer(tmp.name)
