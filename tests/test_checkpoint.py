@@ -129,14 +129,17 @@ def test_num_shards_and_its_alias_n(hf_dir, tmp_path):
 
 
 def _hf_tokenizer(dst, bos: bool):
-    """A tokenizer.json dir whose ids are not Llama-2's: pad 1, bos 3, eos 4 (with `bos`);
-    without `bos` it has no BOS and no pad, as Qwen's."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    """A tokenizer.json dir whose ids are not Llama-2's: pad 1, bos 3, eos 4 (with `bos`: it
+    prepends BOS as Llama-3's does); without `bos` it has no BOS and no pad, as Qwen's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
     specials = ["<unk>", "<|pad|>", "<|reserved|>", "<|begin_of_text|>", "<|end_of_text|>"]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     words = ["twelve apples and seven pears", "the answer is 19", "she sold 48 clips in May"]
     tok.train_from_iterator(words, trainers.BpeTrainer(vocab_size=80, special_tokens=specials, show_progress=False))
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                           special_tokens=[("<|begin_of_text|>", 3)])
     tok.save(str(dst / "tokenizer.json"))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|end_of_text|>", "unk_token": "<unk>"}
     if bos:
