@@ -16,7 +16,7 @@ from llama_rlhf.gguf import parameter_count
 from llama_rlhf.tokenizers import HFTokenizer, load_tokenizer
 from tests.helpers import ROOT, run_script, torchrun
 
-os.environ["HF_HUB_OFFLINE"] = "1"  # every file is local; nothing may reach a hub
+os.environ["HF_HUB_OFFLINE"] = "1"  # every file is local (and each load says local_files_only)
 
 DIM, LAYERS, HEADS, KV_HEADS, FFN = 64, 2, 4, 2, 128
 SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
@@ -86,7 +86,7 @@ def write_tiny_gguf(path: Path, arch: str = "llama", add_bos: bool = True, odd_t
 def hf_gguf_model(path: Path):
     from transformers import AutoModelForCausalLM
     return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
-                                                attn_implementation="eager").eval()
+                                                attn_implementation="eager", local_files_only=True).eval()
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +136,7 @@ def test_tokenizer_written_into_checkpoint(tiny):
     root, _, _ = tiny
     tok = load_tokenizer(root / "tp1")
     assert isinstance(tok, HFTokenizer) and (tok.bos_id, tok.eos_id) == (1, 2)
-    hf = AutoTokenizer.from_pretrained(str(root), gguf_file="tiny.gguf")
+    hf = AutoTokenizer.from_pretrained(str(root), gguf_file="tiny.gguf", local_files_only=True)
     text = " the cat in 12 hats"
     assert tok.encode(text) == hf.encode(text) == [1, *hf.encode(text, add_special_tokens=False)]
     assert tok.decode(tok.encode(text)) == text

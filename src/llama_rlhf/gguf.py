@@ -12,7 +12,7 @@ import json
 import os
 import re
 from collections import Counter
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ from .models.args import ConfigError
 class GGUFError(ValueError):
     """A GGUF that cannot be imported; one line naming the file. `checkpoint.load_source`
     re-raises it as its CheckpointError (this module sits below checkpoint in the layers)."""
+
 
 # (GGUF tensor name, Meta key); {i} is the layer. No q/k permutation: llama.cpp's converter
 # re-interleaves HF's q/k rows for its rope, i.e. a GGUF holds them in Meta's order already
@@ -127,8 +128,8 @@ def _dequantized(t: ReaderTensor, path: str) -> torch.Tensor:
     try:
         values = dequantize(t.data, t.tensor_type)
     except NotImplementedError:
-        raise GGUFError(f"{path}: tensor {t.name} is {t.tensor_type.name}, a type the gguf "
-                                         f"package cannot dequantize") from None
+        raise GGUFError(f"{path}: tensor {t.name} is {t.tensor_type.name}, a type the gguf package "
+                        f"cannot dequantize") from None
     # F32 comes back as a read-only view of the memory-mapped file: copy it out, the rest is fresh.
     values = np.array(values, dtype=np.float32, copy=not values.flags.writeable)
     return torch.from_numpy(values.reshape([int(d) for d in reversed(t.shape)]))  # GGUF lists dims fastest-first
@@ -136,7 +137,7 @@ def _dequantized(t: ReaderTensor, path: str) -> torch.Tensor:
 
 def read_gguf(path: str) -> tuple[dict[str, torch.Tensor], ModelArgs]:
     """Full Meta-keyed float32 state dict and config of a llama GGUF. A tied output (no
-    `output.weight` in the file) is the embedding tensor itself, so it is stored and counted once."""
+    `output.weight` in the file) is the embedding tensor itself: one copy, counted once."""
     reader = _open(path)
     args = gguf_args(reader, path)
     sd = {_meta_key(t.name, path): _dequantized(t, path) for t in reader.tensors}
@@ -174,7 +175,7 @@ def write_gguf_tokenizer(path: str, dst: str) -> None:
         raise GGUFError(f"{path}: GGUF has no tokenizer (no tokenizer.ggml.tokens)")
     folder, name = os.path.split(os.path.abspath(path))
     try:
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)  # never a hub
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise GGUFError(f"{path}: cannot build a tokenizer from the GGUF metadata ({first})") from None
@@ -195,7 +196,7 @@ def _adds_bos(tok: Any) -> bool:
     return tok.bos_token_id is not None and tok.encode("a")[:1] == [tok.bos_token_id]
 
 
-def _patch_json(file: str, drop: tuple[str, ...] = (), **values: Optional[Any]) -> None:
+def _patch_json(file: str, drop: tuple[str, ...] = (), **values: Any) -> None:
     with open(file) as f:
         data = json.load(f)
     for key in drop:
