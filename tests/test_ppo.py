@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from llama_rlhf.data.records import write_json_atomic
+from llama_rlhf.records import write_json_atomic
 from llama_rlhf.ppo.buffer import RolloutBuffer
 from llama_rlhf.ppo.config import PPOConfig
 from llama_rlhf.ppo.run import train_ppo
@@ -110,3 +110,34 @@ def test_bad_input(ckpts, tmp_path):
         train_ppo(_cfg(ckpts, critic_ckpt_dir=str(ckpts / "critic-tp2")))
     with pytest.raises(ValueError, match="verifier checkpoint is expected"):
         train_ppo(_cfg(ckpts, critic_ckpt_dir=str(ckpts / "actor-tp1"), reward="rule"))
+
+
+def test_nan_stops_like_the_trainer_and_resume_works(ckpts, tmp_path, monkeypatch):
+    """A NaN loss in round 2 stops PPO with the trainer's TrainingError, through the same
+    optimizer step: nothing stepped, round-1 (the last good checkpoint) untouched, and --resume
+    from it runs on."""
+    from llama_rlhf.ppo import trainer as ppo_trainer
+    from llama_rlhf.trainers import TrainingError
+    cfg = dict(actor_save_dir=str(tmp_path / "a"), critic_save_dir=str(tmp_path / "c"), max_rounds=3, save_rounds=1,
+               max_buffer_size=2, max_batch_size=2)
+    real = ppo_trainer.policy_loss
+
+    def nan_in_round_2(*args, **kw):  # one minibatch per round: the second call is round 2
+        calls.append(1)
+        loss, stats = real(*args, **kw)
+        return (loss * float("nan") if len(calls) == 2 else loss), stats
+
+    calls: list = []
+    monkeypatch.setattr(ppo_trainer, "policy_loss", nan_in_round_2)
+    with pytest.raises(TrainingError, match=r"non-finite gradient norm.*round 2.*last good checkpoint: .*round-1"):
+        train_ppo(_cfg(ckpts, **cfg))
+    assert sorted(p.name for p in (tmp_path / "a").iterdir() if p.name.startswith("round-")) == ["round-1"]
+    before = torch.load(tmp_path / "a/round-1/consolidated.00.pth")
+    monkeypatch.setattr(ppo_trainer, "policy_loss", real)
+    stats = train_ppo(_cfg(ckpts, **cfg, resume=True))
+    assert math.isfinite(stats["actor/pg_loss"])
+    after = torch.load(tmp_path / "a/round-1/consolidated.00.pth")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    rows = [json.loads(line)["step"] for line in open(tmp_path / "a/metrics.jsonl")]
+    assert rows == [1, 2, 3]
+    assert (tmp_path / "a/round-3").is_dir()

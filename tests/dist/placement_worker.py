@@ -2,8 +2,10 @@
 
     placement_worker.py ROOT OUT TP NAME=STRATEGY[:PLACEMENT_FILE] ...
 
-For each case, two rounds of `train_ppo` (same seed, same data) with `--save_buffer`, into
-OUT/NAME/{actor,critic}. The test compares the buffers and checkpoints with flattening's.
+For each case, two rounds of `train_ppo` (same seed, same data, an adaptive KL coefficient) with
+`--save_buffer`, into OUT/NAME/{actor,critic}. The test compares the buffers and checkpoints with
+flattening's: round 2's KL-shaped rewards use the coefficient adapted with round 1's KL over all
+replicas, which flattening pools over DP and placed rounds over their shards.
 """
 import sys
 
@@ -17,6 +19,7 @@ def config(root: str, out: str, tp: int, strategy: str, placement_file: str | No
                      reward_model_ckpt_dir=f"{root}/critic-tp{tp}", train_file=f"{root}/prompts.json",
                      reward="rm+rule", max_batch_size=2, max_buffer_size=8, max_rounds=2, max_new_tokens=6,
                      actor_lr=1e-4, critic_lr=1e-4, save_buffer=True, placement=strategy,
+                     kl_target=0.01, kl_horizon=20,  # one adaptive KL coefficient, fed by every shard's KL
                      placement_file=placement_file)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 
@@ -48,11 +48,6 @@ class RolloutBuffer:
 
     def width(self) -> int:
         return max(len(p) + len(r) for p, r in zip(self.prompts, self.responses)) - 1
-
-    def minibatches(self, size: int, generator: torch.Generator) -> Iterator[list[int]]:
-        order = torch.randperm(len(self), generator=generator).tolist()
-        for start in range(0, len(order), size):
-            yield order[start:start + size]
 
     def save(self, path: str) -> None:
         """Atomic write, so a crash never leaves a half buffer behind."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..errors import UsageError
 from ..losses import masked_mean
 
 Stats = dict[str, "float | Tensor"]
@@ -21,7 +22,7 @@ def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3") -
     * k3 = (r - 1) - log r: unbiased and always >= 0.
     """
     if estimator not in KL_ESTIMATORS:
-        raise ValueError(f"kl_estimate: estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+        raise UsageError(f"kl_estimate: estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
     log_r = ref_logprobs.float() - logprobs.float()  # [B, T]
     if estimator == "k1":
         return -log_r

@@ -24,6 +24,12 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
+
+from ..errors import MissingPathError, UsageError
+from ..models.args import read_args
+from ..models.transformer import Transformer
+
 STRATEGIES = ("flattening", "interleaving", "separation", "auto")
 MODELS = ("actor", "critic", "reference", "reward", "generator")
 GiB = 1024 ** 3
@@ -106,7 +112,7 @@ def flattening(num_replicas: int, critic: bool, reward: bool, reason: str = "") 
 
 def interleaving(num_replicas: int, critic: bool, reward: bool, reason: str = "") -> Placement:
     if num_replicas < 2:
-        raise ValueError(f"--placement interleaving needs at least 2 data-parallel replicas (world size / "
+        raise UsageError(f"--placement interleaving needs at least 2 data-parallel replicas (world size / "
                          f"tensor-parallel size), got {num_replicas}")
     every, half = tuple(range(num_replicas)), num_replicas // 2
     # Without a reward model the second half has nothing to score: the reference takes all.
@@ -122,22 +128,22 @@ def read_placement_file(path: str, num_replicas: int, critic: bool, reward: bool
         with open(path) as f:
             spec = json.load(f)
     except FileNotFoundError:
-        raise FileNotFoundError(f"--placement_file {path}: no such file") from None
+        raise MissingPathError(f"--placement_file {path}: no such file") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"--placement_file {path}: not valid JSON ({e})") from None
+        raise UsageError(f"--placement_file {path}: not valid JSON ({e})") from None
     if not isinstance(spec, dict):
-        raise ValueError(f"--placement_file {path}: expected a JSON object of model -> replica list")
+        raise UsageError(f"--placement_file {path}: expected a JSON object of model -> replica list")
     unknown = sorted(set(spec) - set(MODELS))
     if unknown:
-        raise ValueError(f"--placement_file {path}: unknown model(s) {unknown}; expected keys from {list(MODELS)}")
+        raise UsageError(f"--placement_file {path}: unknown model(s) {unknown}; expected keys from {list(MODELS)}")
     sets = {m: _replica_list(path, m, spec.get(m, []), num_replicas) for m in MODELS}
     needed = ["actor", "reference"] + (["critic"] if critic else []) + (["reward"] if reward else [])
     for m in needed:
         if not sets[m]:
-            raise ValueError(f"--placement_file {path}: the {m} model has no replica (give \"{m}\": [replica, ...])")
+            raise UsageError(f"--placement_file {path}: the {m} model has no replica (give \"{m}\": [replica, ...])")
     both = sorted(set(sets["generator"]) & set(sets["actor"]))
     if both:
-        raise ValueError(f"--placement_file {path}: replica(s) {both} are both actor and generator; "
+        raise UsageError(f"--placement_file {path}: replica(s) {both} are both actor and generator; "
                          f"generator replicas only sample and must not hold the actor")
     return Placement("separation", num_replicas, sets["actor"], sets["reference"], sets["critic"] if critic else (),
                      sets["reward"] if reward else (), sets["generator"])
@@ -145,13 +151,13 @@ def read_placement_file(path: str, num_replicas: int, critic: bool, reward: bool
 
 def _replica_list(path: str, model: str, value, num_replicas: int) -> tuple[int, ...]:
     if not isinstance(value, list) or not all(isinstance(r, int) and not isinstance(r, bool) for r in value):
-        raise ValueError(f"--placement_file {path}: {model} must be a list of replica indices, got {value!r}")
+        raise UsageError(f"--placement_file {path}: {model} must be a list of replica indices, got {value!r}")
     for r in value:
         if not 0 <= r < num_replicas:
-            raise ValueError(f"--placement_file {path}: {model} replica {r} does not exist (there are "
+            raise UsageError(f"--placement_file {path}: {model} replica {r} does not exist (there are "
                              f"{num_replicas} replicas, 0..{num_replicas - 1}: world size / tensor-parallel size)")
     if len(set(value)) != len(value):
-        raise ValueError(f"--placement_file {path}: {model} lists a replica twice: {value}")
+        raise UsageError(f"--placement_file {path}: {model} lists a replica twice: {value}")
     return tuple(sorted(value))
 
 
@@ -207,7 +213,6 @@ def choose_auto(num_replicas: int, costs: dict[str, float], budget: float, offlo
 def model_costs(cfg, tp: int, on_cuda: bool) -> dict[str, float]:
     """Bytes per device of each model: trained ones fp32 weights + grads + two AdamW moments
     (16 B/param, 4 with LoRA), scoring ones their weights in the compute dtype, each split over TP."""
-    from ..models.args import read_args
     infer = 2 if on_cuda else 4
     actor_p = _param_count(read_args(cfg.actor_ckpt_dir, cfg.model_type))
     train = 16 if cfg.lora_rank <= 0 else 4
@@ -222,16 +227,12 @@ def model_costs(cfg, tp: int, on_cuda: bool) -> dict[str, float]:
 
 
 def _param_count(args) -> int:
-    import torch
-
-    from ..models.transformer import Transformer
     with torch.device("meta"):
         return sum(p.numel() for p in Transformer(args).parameters())
 
 
 def device_memory() -> float:
     """Bytes of one device: the GPU's memory, or this machine's RAM shared by its local ranks."""
-    import torch
     if torch.cuda.is_available():
         return float(torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", 0))).total_memory)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -248,7 +249,6 @@ def resolve(cfg, num_replicas: int, tp: int, memory: Optional[float] = None) -> 
         return interleaving(num_replicas, critic, reward)
     if cfg.placement == "separation":
         return read_placement_file(cfg.placement_file, num_replicas, critic, reward)
-    import torch
     on_cuda = torch.cuda.is_available()
     offload = on_cuda if cfg.offload is None else cfg.offload
     budget = 0.8 * (memory or device_memory())  # the rest: activations, KV cache, allocator slack

@@ -5,6 +5,7 @@ from typing import Optional
 
 import torch
 
+from ..errors import UsageError
 from ..tasks.gsm8k import extract_answer, is_correct
 
 REWARDS = ("rm", "rule", "rm+rule")
@@ -23,7 +24,7 @@ def combine_rewards(kind: str, rm_scores: Optional[torch.Tensor], rule: Optional
                     finished: torch.Tensor, unfinished_penalty: float) -> torch.Tensor:
     """Score per response [N]; answers that never finished get `-unfinished_penalty` added."""
     if kind not in REWARDS:
-        raise ValueError(f"--reward must be one of {REWARDS}, got {kind!r}")
+        raise UsageError(f"--reward must be one of {REWARDS}, got {kind!r}")
     score = torch.zeros_like(finished, dtype=torch.float32)
     if "rm" in kind:
         score = score + rm_scores.float()

@@ -6,23 +6,27 @@ the placement says), and a model held by some replicas only is saved by the firs
 """
 from __future__ import annotations
 
-import glob
 import os
 import random
-import re
-import shutil
 from typing import Optional
 
 import torch
+from tqdm import tqdm
 
 from .. import parallel
 from ..checkpoint import CheckpointError, load_model, save_model, shard_files
-from ..data.records import load_records
+from ..data.encoding import encode_prompt
+from ..records import load_records
+from ..errors import UsageError
+from ..evaluation.evaluate import generate_texts
 from ..log import get_logger
+from ..lora import apply_lora, merged_state_dict
 from ..metrics import MetricsLogger
 from ..models.args import read_args
-from ..tasks.gsm8k import extract_answer, format_prompt, is_correct
+from ..tasks.gsm8k import extract_answer, is_correct
 from ..tokenizers import load_tokenizer
+from ..trainers.optim import NonFiniteError, TrainingError, build_optimizer
+from ..trainers.state import latest_checkpoint
 from . import timeline
 from .config import PPOConfig
 from .placement import Placement, resolve
@@ -48,7 +52,6 @@ def _check_critic(cfg: PPOConfig) -> None:
 
 def load_models(cfg: PPOConfig, resume_dir: Optional[str], placement: Optional[Placement] = None) -> PPOModels:
     """The models placed on this replica (all of them without a placement); others stay None."""
-    from ..trainers.base import build_optimizer
     me = parallel.dp_rank()
 
     def here(model: str) -> bool:
@@ -80,7 +83,6 @@ def load_models(cfg: PPOConfig, resume_dir: Optional[str], placement: Optional[P
 def _load_actor(cfg: PPOConfig, actor_dir: str, park: torch.device):
     """The trained policy (or a generator's copy of it: built the same way, so the actor's
     trainable parameters map one to one onto it)."""
-    from ..lora import apply_lora
     actor = load_model(actor_dir, cfg.model_type, park, torch.float32, role="solver")
     if cfg.lora_rank > 0:
         apply_lora(actor, cfg.lora_rank, cfg.lora_alpha)
@@ -94,26 +96,19 @@ def _sibling(resume_dir: Optional[str], save_root: Optional[str]) -> Optional[st
     return path if os.path.isdir(path) else None
 
 
-def latest_checkpoint(save_dir: str) -> Optional[str]:
-    found = [(int(m.group(1)), p) for p in glob.glob(os.path.join(save_dir, "round-*"))
-             if (m := re.search(r"round-(\d+)$", p)) and shard_files(p)]
-    return max(found)[1] if found else None
-
-
 def load_prompts(cfg: PPOConfig, tokenizer) -> tuple[list[dict], list[list[int]]]:
     records = load_records(cfg.train_file, required=("instruction",))
     if cfg.reward != "rm":
         for i, r in enumerate(records):
             if r.get("label") in (None, ""):
-                raise ValueError(f"{cfg.train_file}: record {i} has no 'label', needed by --reward {cfg.reward}")
-    prompts = [tokenizer.encode(format_prompt(r["instruction"]), bos=True) for r in records]
+                raise UsageError(f"{cfg.train_file}: record {i} has no 'label', needed by --reward {cfg.reward}")
+    prompts = [encode_prompt(tokenizer, r["instruction"]) for r in records]
     return records, prompts
 
 
 def heldout_accuracy(cfg: PPOConfig, actor, tokenizer, part: Optional[tuple[int, int]] = None) -> float:
     """Greedy accuracy of the actor on `--label_file`: replica `part[0]` of `part[1]` evaluating
     the actor (default: every DP replica) takes every part[1]-th record; `actor` None adds 0."""
-    from ..evaluation.evaluate import generate_texts
     records = load_records(cfg.label_file, required=("instruction", "label"))
     index, count = part or (parallel.dp_rank(), parallel.dp_size())
     correct = 0
@@ -138,53 +133,22 @@ def _heldout(cfg: PPOConfig, trainer: PPOTrainer, tokenizer) -> float:
 
 
 def _save(cfg: PPOConfig, trainer: PPOTrainer, tokenizer_dir: str, epoch: int, position: int) -> None:
-    from ..lora import merged_state_dict
+    """round-N of the actor (with every rank's state) and the critic, through the one writer.
+    Placed models are written by the first replica that holds them."""
     name, m, P = f"round-{trainer.round}", trainer.m, trainer.placement
     state = {"round": trainer.round, "epoch": epoch, "position": position, "kl_coef": trainer.kl_ctl.value,
-             "generator": trainer.generator.get_state(), "placement": P.describe(why=False) if P else None,
+             "batch_order": trainer.batch_order.get_state(), "placement": P.describe(why=False) if P else None,
              "actor_opt": m.actor_opt.state_dict() if m.actor_opt else None,
              "critic_opt": m.critic_opt.state_dict() if m.critic_opt else None}
-    if P is None or P.is_flat:
-        save_model(m.actor, os.path.join(cfg.actor_save_dir, name), tokenizer_dir, state=state,
-                   model_state=merged_state_dict(m.actor))
-        if m.critic is not None and cfg.critic_save_dir:
-            save_model(m.critic, os.path.join(cfg.critic_save_dir, name), tokenizer_dir)
-        return
-    # Placed: every shard's minibatch generator and KL coefficient, so any replica can resume any shard.
-    state["shards"] = [{"generator": g.get_state(), "kl_coef": c.value}
-                       for g, c in zip(trainer.generators, trainer.kl_ctls)]
-    _save_placed(m.actor, lambda: merged_state_dict(m.actor), os.path.join(cfg.actor_save_dir, name),
-                 tokenizer_dir, P.actor[0], state)
+    flat = P is None or P.is_flat
+    if not flat:  # every shard's minibatch order, so any replica can resume any shard
+        state["shards"] = [{"batch_order": g.get_state()} for g in trainer.batch_orders]
+    save_model(m.actor, os.path.join(cfg.actor_save_dir, name), tokenizer_dir, state=state,
+               model_state=merged_state_dict(m.actor) if m.actor is not None else None,
+               writer_replica=None if flat else P.actor[0])
     if cfg.estimator == "gae" and cfg.critic_save_dir:
-        _save_placed(m.critic, lambda: m.critic.state_dict(), os.path.join(cfg.critic_save_dir, name),
-                     tokenizer_dir, P.critic[0])
-
-
-def _save_placed(model, weights, dst: str, tokenizer_src: str, writer: int, state: Optional[dict] = None) -> None:
-    """`save_model` for a model that only some replicas hold: replica `writer` (its TP ranks)
-    writes the shards and params.json, every rank its `state`; called by every rank."""
-    from ..models import write_params
-    from ..tokenizers import load_tokenizer, save_tokenizer
-    tmp, mine = dst + ".tmp", parallel.dp_rank() == writer
-    lead = mine and parallel.tp_rank() == 0
-    if lead:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    parallel.barrier()
-    if mine:
-        sd = {k: v.detach().to("cpu").clone() for k, v in weights().items()}
-        torch.save(sd, os.path.join(tmp, f"consolidated.{parallel.tp_rank():02d}.pth"))
-    if state is not None:
-        torch.save(state, os.path.join(tmp, f"state.{parallel.rank():02d}.pth"))
-    parallel.barrier()
-    if lead:
-        write_params(model.args, tmp)
-        save_tokenizer(load_tokenizer(tokenizer_src), tmp)
-        if os.path.exists(dst):
-            os.replace(dst, dst + ".old")
-        os.replace(tmp, dst)
-        shutil.rmtree(dst + ".old", ignore_errors=True)
-    parallel.barrier()
+        save_model(m.critic, os.path.join(cfg.critic_save_dir, name), tokenizer_dir,
+                   writer_replica=None if flat else P.critic[0])
 
 
 def _restore(trainer: PPOTrainer, resume_dir: Optional[str]) -> tuple[int, int]:
@@ -198,10 +162,9 @@ def _restore(trainer: PPOTrainer, resume_dir: Optional[str]) -> tuple[int, int]:
         log.warning(f"resuming {resume_dir} ({state['placement']}) under {here}: per-shard sampling "
                     f"order, KL and optimizer state may not carry over exactly")
     trainer.round, trainer.kl_ctl.value = state["round"], state["kl_coef"]
-    trainer.generator.set_state(state["generator"])
-    for g, c, shard in zip(trainer.generators, trainer.kl_ctls, state.get("shards", [])):
-        g.set_state(shard["generator"])
-        c.value = shard["kl_coef"]
+    trainer.batch_order.set_state(state["batch_order"])
+    for g, shard in zip(trainer.batch_orders, state.get("shards", [])):
+        g.set_state(shard["batch_order"])
     if state["actor_opt"] and trainer.m.actor_opt:
         trainer.m.actor_opt.load_state_dict(state["actor_opt"])
     if state["critic_opt"] and trainer.m.critic_opt:
@@ -213,6 +176,8 @@ def _restore(trainer: PPOTrainer, resume_dir: Optional[str]) -> tuple[int, int]:
 def _log_round(metrics: MetricsLogger, trainer: PPOTrainer, samples: list[tuple[float, str]], stats: dict,
                n: int) -> None:
     metrics.log(trainer.round, stats)
+    if not parallel.is_main():
+        return
     log.info(f"round {trainer.round}: reward {stats['reward/mean']:.3f} kl {stats['kl']:.3f} "
              f"ratio(first) {stats.get('first/ratio_mean', float('nan')):.6f}")
     for i, (score, text) in enumerate(samples[:n]):
@@ -253,9 +218,9 @@ def _write_timeline(cfg: PPOConfig, trainer: PPOTrainer) -> None:
         timeline.write(cfg.actor_save_dir, snaps, p.strategy if p else "flattening", p.describe() if p else "")
 
 
-def train_ppo(cfg: PPOConfig) -> dict:
-    """Run PPO; returns the last round's stats (and held-out accuracy when measured)."""
-    from tqdm import tqdm
+def _setup(cfg: PPOConfig) -> tuple[PPOTrainer, list[dict], list[list[int]], Optional[str]]:
+    """World, placement, tokenizer, prompts and the four models (from the latest round when
+    resuming); returns the trainer, records, prompt ids and the dir resumed from."""
     cfg.validate()
     _check_critic(cfg)
     parallel.init(tp=len(shard_files(cfg.actor_ckpt_dir)))
@@ -265,13 +230,29 @@ def train_ppo(cfg: PPOConfig) -> dict:
     torch.manual_seed(cfg.seed)
     tok = load_tokenizer(cfg.actor_ckpt_dir)
     records, prompts = load_prompts(cfg, tok)
-    resume_dir = latest_checkpoint(cfg.actor_save_dir) if cfg.resume else None
+    found = latest_checkpoint(cfg.actor_save_dir) if cfg.resume else None
+    resume_dir = found[0] if found else None
+    if cfg.resume and resume_dir is None:
+        log.warning(f"--resume: no complete round-N checkpoint in {cfg.actor_save_dir}; starting from scratch")
     trainer = PPOTrainer(cfg, load_models(cfg, resume_dir, placement), tok, placement=placement, groups=groups)
+    return trainer, records, prompts, resume_dir
+
+
+def _stopped(cfg: PPOConfig, trainer: PPOTrainer, why: str) -> TrainingError:
+    found = latest_checkpoint(cfg.actor_save_dir)
+    last = found[0] if found else "none (no round was saved yet)"
+    return TrainingError(f"{why} in round {trainer.round + 1}; stopped without saving, last good checkpoint: {last}")
+
+
+def train_ppo(cfg: PPOConfig) -> dict:
+    """Run PPO; returns the last round's stats (and held-out accuracy when measured)."""
+    trainer, records, prompts, resume_dir = _setup(cfg)
     start_epoch, position = _restore(trainer, resume_dir)
-    metrics = MetricsLogger(cfg.actor_save_dir) if parallel.is_main() else None
-    dp, per_round = parallel.dp_size(), max(cfg.max_buffer_size // parallel.dp_size(), 1)
+    metrics = MetricsLogger(cfg.actor_save_dir, resume_step=trainer.round + 1 if cfg.resume else None)
+    placement, dp = trainer.placement, parallel.dp_size()
+    per_round = max(cfg.max_buffer_size // dp, 1)
     stats: dict = {}
-    bar = tqdm(total=cfg.max_rounds, desc="ppo", disable=not parallel.is_main())
+    bar = tqdm(total=cfg.max_rounds, initial=trainer.round, desc="ppo", disable=not parallel.is_main())
     for epoch in range(start_epoch, cfg.epochs):
         order = list(range(len(records)))
         random.Random(cfg.seed + epoch).shuffle(order)
@@ -279,27 +260,30 @@ def train_ppo(cfg: PPOConfig) -> dict:
         # Placed rounds run every shard together: stop when the shortest slice is used up.
         end = len(slices[parallel.dp_rank()]) if placement.is_flat else min(len(sl) for sl in slices)
         while position < end and (cfg.max_rounds is None or trainer.round < cfg.max_rounds):
-            bufs, samples, stats = _round(cfg, trainer, records, prompts, slices, position, per_round)
+            try:
+                bufs, samples, stats = _round(cfg, trainer, records, prompts, slices, position, per_round)
+            except NonFiniteError as e:
+                raise _stopped(cfg, trainer, str(e)) from None
             position += per_round
             if cfg.save_buffer:
                 _save_buffers(cfg, trainer, bufs)
-            if metrics:
-                _log_round(metrics, trainer, samples, stats, cfg.log_samples)
+            _log_round(metrics, trainer, samples, stats, cfg.log_samples)
             bar.update(1)
             bar.set_postfix(reward=f"{stats['reward/mean']:.3f}", kl=f"{stats['kl']:.3f}")
+            if cfg.save_rounds and trainer.round % cfg.save_rounds == 0 and position < end:
+                _save(cfg, trainer, cfg.actor_ckpt_dir, epoch, position)
         done = position >= end
         if cfg.label_file:
-            stats["heldout_accuracy"] = _heldout(cfg, trainer, tok)
-            if metrics:
-                metrics.log(trainer.round, {"heldout_accuracy": stats["heldout_accuracy"], "epoch": epoch})
-                log.info(f"epoch {epoch}: held-out accuracy {stats['heldout_accuracy']:.4f}")
+            stats["heldout_accuracy"] = _heldout(cfg, trainer, trainer.tok)
+            metrics.log(trainer.round, {"heldout_accuracy": stats["heldout_accuracy"], "epoch": epoch})
+            log.info(f"epoch {epoch}: held-out accuracy {stats['heldout_accuracy']:.4f}")
         _save(cfg, trainer, cfg.actor_ckpt_dir, epoch + done, 0 if done else position)
         position = 0
         if not done:
             break
+    bar.close()
     _write_timeline(cfg, trainer)
-    if metrics:
-        metrics.plot(["reward/mean", "kl", "actor/pg_loss", "critic/vf_loss", "heldout_accuracy"],
-                     os.path.join(cfg.actor_save_dir, "ppo_curves.png"))
-        metrics.close()
+    metrics.plot(["reward/mean", "kl", "actor/pg_loss", "critic/vf_loss", "heldout_accuracy"],
+                 os.path.join(cfg.actor_save_dir, "ppo_curves.png"))
+    metrics.close()
     return stats

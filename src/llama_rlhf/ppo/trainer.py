@@ -22,13 +22,15 @@ from .. import parallel
 from ..generation import generate
 from ..losses import masked_mean, masked_whiten
 from ..scoring import action_logprobs, action_values, sequence_scores
-from ..trainers.base import autocast, optim_step
+from ..trainers.base import autocast
+from ..trainers.optim import optimizer_step
 from .advantages import AdaptiveKLController, FixedKLController, gae, grpo_advantages, kl_penalized_rewards, rloo_advantages
 from .buffer import RolloutBuffer
 from .config import PPOConfig
 from .losses import policy_loss, value_loss
 from .placement import Placement
 from .rewards import combine_rewards, rule_rewards
+from .stats import pool_stats
 from .timeline import Timeline
 
 
@@ -67,20 +69,19 @@ def _move(model, optimizer, device: torch.device) -> None:
 
 
 class PPOTrainer:
-    def __init__(self, cfg: PPOConfig, models: PPOModels, tokenizer, actor_scheduler=None, critic_scheduler=None,
-                 placement: Optional[Placement] = None, groups=None):
+    def __init__(self, cfg: PPOConfig, models: PPOModels, tokenizer, placement: Optional[Placement] = None,
+                 groups=None):
         self.cfg, self.m, self.tok = cfg, models, tokenizer
-        self.actor_sched, self.critic_sched = actor_scheduler, critic_scheduler
         self.placement, self.groups = placement, groups
-        # Per-shard state a flattening replica carries between rounds (minibatch order, KL
-        # coefficient). Flattening has one shard per replica; placed rounds keep every
-        # shard's copy on every replica, so any replica can run any shard exactly.
+        # Per-shard minibatch order a flattening replica carries between rounds. Flattening has
+        # one shard per replica; placed rounds keep every shard's copy on every replica, so any
+        # replica can run any shard exactly.
         n = 1 if placement is None or placement.is_flat else placement.num_replicas
-        self.generators = [torch.Generator().manual_seed(cfg.seed) for _ in range(n)]
-        self.kl_ctls = [AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target
-                        else FixedKLController(cfg.kl_coef) for _ in range(n)]
-        own = parallel.dp_rank() if n > 1 else 0
-        self.generator, self.kl_ctl = self.generators[own], self.kl_ctls[own]
+        self.batch_orders = [torch.Generator().manual_seed(cfg.seed) for _ in range(n)]
+        self.batch_order = self.batch_orders[parallel.dp_rank() if n > 1 else 0]
+        # One KL coefficient for the whole run, updated with the KL over every replica.
+        self.kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target
+                       else FixedKLController(cfg.kl_coef))
         self.timeline = Timeline()
         self.round = 0
 
@@ -169,9 +170,9 @@ class PPOTrainer:
                     out[idx] = fn(mdl, batch).float().cpu()
         return out
 
-    def advantages(self, buf: RolloutBuffer, kl_ctl=None) -> dict:
+    def advantages(self, buf: RolloutBuffer) -> dict:
         """KL-shaped rewards and GAE (or group-relative advantages), on action positions."""
-        cfg, kl_ctl = self.cfg, kl_ctl or self.kl_ctl
+        cfg, kl_ctl = self.cfg, self.kl_ctl
         mask = buf.batch(list(range(len(buf))), self.tok.pad_id).action_mask
         kl_coef = kl_ctl.value if cfg.kl_in == "reward" else 0.0
         buf.rewards, kl_stats = kl_penalized_rewards(buf.scores, buf.logprobs, buf.ref_logprobs, mask,
@@ -200,42 +201,44 @@ class PPOTrainer:
             out += [order[s:s + size] for s in range(0, n, size)]
         return out
 
-    def _step(self, model, optimizer, scheduler, replicas: Optional[tuple[int, ...]]) -> float:
+    def _step(self, model, optimizer, replicas: Optional[tuple[int, ...]]) -> float:
         """Gradients summed over the model's replicas, scaled by 1 / shards (= DP size under
-        flattening), clipped, stepped. `replicas` None: flattening's all-replica reduce."""
+        flattening), then the shared optimizer step. `replicas` None: flattening's all-replica
+        reduce. A non-finite gradient raises NonFiniteError with nothing stepped."""
         if replicas is None:
-            return optim_step(model, optimizer, scheduler, self.cfg.max_grad_norm,
-                              grad_scale=1.0 / parallel.dp_size())
-        parallel.all_reduce_grads_over(self.groups, model, replicas)
-        return optim_step(model, optimizer, scheduler, self.cfg.max_grad_norm, reduce=False,
-                          grad_scale=1.0 / parallel.dp_size())
+            parallel.all_reduce_grads(model)
+        else:
+            parallel.all_reduce_grads_over(self.groups, model, replicas)
+        parallel.scale_grads(model, 1.0 / parallel.dp_size())
+        return optimizer_step(model, optimizer, None, self.cfg.max_grad_norm)
 
     def train_actor(self, buf: RolloutBuffer) -> dict:
-        return self._train_actor([(buf, self._orders(self.generator, len(buf)), self.kl_ctl.value)], None)
+        return self._train_actor([(buf, self._orders(self.batch_order, len(buf)))], None)[0]
 
-    def _train_actor(self, jobs: list[tuple[RolloutBuffer, list[list[int]], float]],
-                     replicas: Optional[tuple[int, ...]]) -> dict:
-        """One optimizer step per minibatch index; each job (shard buffer, minibatch order, KL
-        coefficient) adds its minibatch's gradient. Stats come from the first job."""
-        stats, first = {}, None
+    def _train_actor(self, jobs: list[tuple[RolloutBuffer, list[list[int]]]],
+                     replicas: Optional[tuple[int, ...]]) -> list[dict]:
+        """One optimizer step per minibatch index; each job (shard buffer, minibatch order)
+        adds its minibatch's gradient. Returns each job's stats."""
+        acc: list[dict] = [{} for _ in jobs]
+        first: list[dict] = [{} for _ in jobs]
         with self.m.phase(self.m.actor, self.m.actor_opt) as actor:
             actor.train()
-            for k in range(max(len(order) for _, order, _ in jobs)):
-                s = None
-                for j, (buf, order, kl_coef) in enumerate(jobs):
+            for k in range(max(len(order) for _, order in jobs)):
+                done = []
+                for j, (buf, order) in enumerate(jobs):
                     if k < len(order):
-                        loss, sj = self._actor_loss(actor, buf, order[k], kl_coef)
+                        loss, sj = self._actor_loss(actor, buf, order[k])
                         loss.backward()
-                        s = sj if j == 0 else s
-                norm = self._step(actor, self.m.actor_opt, self.actor_sched, replicas)
-                if s is not None:
-                    s["grad_norm"] = norm
-                    first = first or {f"first/{key}": _f(v) for key, v in s.items() if key.startswith("ratio")}
-                    _accumulate(stats, s)
-        return {**_mean(stats, "actor/"), **(first or {})}
+                        done.append((j, sj))
+                norm = self._step(actor, self.m.actor_opt, replicas)
+                for j, sj in done:
+                    sj["grad_norm"] = norm
+                    first[j] = first[j] or {f"first/{key}": _f(v) for key, v in sj.items() if key.startswith("ratio")}
+                    _accumulate(acc[j], sj)
+        return [{**_mean(a, "actor/"), **f} for a, f in zip(acc, first)]
 
-    def _actor_loss(self, actor, buf: RolloutBuffer, idx: list[int], kl_coef: float) -> tuple[torch.Tensor, dict]:
-        cfg, dev = self.cfg, self.m.device
+    def _actor_loss(self, actor, buf: RolloutBuffer, idx: list[int]) -> tuple[torch.Tensor, dict]:
+        cfg, dev, kl_coef = self.cfg, self.m.device, self.kl_ctl.value
         batch = buf.batch(idx, self.tok.pad_id).to(dev)
         w = batch.action_mask.shape[1]
         with autocast():
@@ -251,15 +254,16 @@ class PPOTrainer:
     def train_critic(self, buf: RolloutBuffer) -> dict:
         if self.cfg.estimator != "gae":
             return {}
-        return self._train_critic([(buf, self._orders(self.generator, len(buf)))], None)
+        return self._train_critic([(buf, self._orders(self.batch_order, len(buf)))], None)[0]
 
     def _train_critic(self, jobs: list[tuple[RolloutBuffer, list[list[int]]]],
-                      replicas: Optional[tuple[int, ...]]) -> dict:
-        cfg, stats, dev = self.cfg, {}, self.m.device
+                      replicas: Optional[tuple[int, ...]]) -> list[dict]:
+        cfg, dev = self.cfg, self.m.device
+        acc: list[dict] = [{} for _ in jobs]
         with self.m.phase(self.m.critic, self.m.critic_opt) as critic:
             critic.train()
             for k in range(max(len(order) for _, order in jobs)):
-                s = None
+                done = []
                 for j, (buf, order) in enumerate(jobs):
                     if k >= len(order):
                         continue
@@ -271,17 +275,18 @@ class PPOTrainer:
                     loss, sj = value_loss(values, buf.values[idx, :w].to(dev), buf.returns[idx, :w].to(dev),
                                           batch.action_mask, cfg.clip_range_value)
                     loss.backward()
-                    s = sj if j == 0 else s
-                norm = self._step(critic, self.m.critic_opt, self.critic_sched, replicas)
-                if s is not None:
-                    s["grad_norm"] = norm
-                    _accumulate(stats, s)
-        return _mean(stats, "critic/")
+                    done.append((j, sj))
+                norm = self._step(critic, self.m.critic_opt, replicas)
+                for j, sj in done:
+                    sj["grad_norm"] = norm
+                    _accumulate(acc[j], sj)
+        return [_mean(a, "critic/") for a in acc]
 
     # ------------------------------------------------------------------ rounds
 
     def run_round(self, records: list[dict], prompts: list[list[int]]) -> tuple[RolloutBuffer, dict]:
-        """Flattening: every phase on this replica's own prompts, one after another."""
+        """Flattening: every phase on this replica's own prompts, one after another; the stats
+        and the KL that adapts the coefficient are pooled over all replicas."""
         tl = self.timeline
         tl.start_round(self.round + 1)
         times, t0 = {}, time.perf_counter()
@@ -301,43 +306,47 @@ class PPOTrainer:
                 stats.update(self.train_critic(buf))
         times["time/critic"] = time.perf_counter() - t0
         times["time/round"] = time.perf_counter() - start
-        self.kl_ctl.update(stats["kl"], len(buf))
-        self.round += 1
         stats.update(times, **_buffer_stats(buf))
-        return buf, stats
+        return buf, self._end_round(parallel.all_gather_objects((stats, len(buf))))
+
+    def _end_round(self, parts: list[tuple[dict, int]]) -> dict:
+        """Pool every replica's (or shard's) stats, adapt the KL coefficient once with the
+        pooled KL over all rollouts, count the round."""
+        stats = pool_stats(parts)
+        self.kl_ctl.update(stats["kl"], sum(n for _, n in parts))
+        self.round += 1
+        return stats
 
     def run_placed_round(self, shards: list[tuple[list[dict], list[list[int]]]]
                          ) -> tuple[dict[int, RolloutBuffer], dict, list[tuple[float, str]]]:
         """One round under the placement. `shards[s]` = (records, prompts) that replica s would
         take under flattening. Returns the shard buffers this replica trained the actor on, the
-        round's stats (shard 0's, as flattening's rank 0 reports) and shard 0's samples."""
+        round's stats (pooled over shards, as flattening pools its replicas) and shard 0's samples."""
         P, me, tl = self.placement, parallel.dp_rank(), self.timeline
         tl.start_round(self.round + 1)
         t0 = time.perf_counter()
         lengths = [len(p) * self.cfg.num_samples for _, p in shards]
         bufs = self._placed_rollout(shards)
-        adv_stats = self._placed_scores(bufs)
+        local = self._placed_scores(bufs)
         # Every replica draws every shard's minibatch orders (actor, then critic, as flattening
         # does), so the generators stay in step wherever the shard is trained.
         orders = {"actor": [], "critic": []}
-        for g, n in zip(self.generators, lengths):
+        for g, n in zip(self.batch_orders, lengths):
             orders["actor"].append(self._orders(g, n))
             orders["critic"].append(self._orders(g, n) if self.cfg.estimator == "gae" else [])
-        stats = self._placed_train(bufs, orders, adv_stats)
+        self._placed_train(bufs, orders, local)
         trained = {s: bufs[s] for s in P.shards("actor", me)}
         shown = range(min(self.cfg.log_samples, len(trained[0]))) if 0 in trained else []
         samples = [(float(trained[0].scores[i]), trained[0].texts[i]) for i in shown]
         with tl.span("stats"):
-            parts = parallel.all_gather_objects({"stats": stats, "samples": samples,
-                                                 "kl": {s: adv_stats[s]["kl"] for s in trained}})
-        stats, samples, kls = {}, [], {}
+            parts = parallel.all_gather_objects({"stats": local, "samples": samples})
+        by_shard: dict[int, dict] = {s: {} for s in range(len(shards))}
+        samples = []
         for part in parts:
-            stats.update(part["stats"])
+            for s, st in part["stats"].items():
+                by_shard[s].update(st)
             samples += part["samples"]
-            kls.update(part["kl"])
-        for s, n in enumerate(lengths):
-            self.kl_ctls[s].update(kls[s], n)
-        self.round += 1
+        stats = self._end_round([(by_shard[s], n) for s, n in enumerate(lengths)])
         stats.update({f"time/{k}": v for k, v in tl.durations().items()})
         stats["time/round"] = time.perf_counter() - t0
         return trained, stats, samples
@@ -385,22 +394,19 @@ class PPOTrainer:
                     buf.ref_logprobs = got[("reference", s)]
                     buf.scores = self.combine_scores(buf, got.get(("reward", s)))
                     buf.values = got.get(("values", s))
-                    stats[s] = self.advantages(buf, self.kl_ctls[s])
+                    stats[s] = {**self.advantages(buf), **_buffer_stats(buf)}
         return stats
 
-    def _placed_train(self, bufs: dict[int, RolloutBuffer], orders: dict, adv_stats: dict[int, dict]) -> dict:
+    def _placed_train(self, bufs: dict[int, RolloutBuffer], orders: dict, stats: dict[int, dict]) -> None:
         """Actor and critic updates on their replica sets (at the same time when disjoint);
-        generator copies get the new actor weights. Returns shard 0's stats if held here."""
-        P, me, stats = self.placement, parallel.dp_rank(), {}
+        generator copies get the new actor weights. Adds each trained shard's stats to `stats`."""
+        P, me = self.placement, parallel.dp_rank()
         mine = P.shards("actor", me)
         if mine:
-            jobs = [(bufs[s], orders["actor"][s], self.kl_ctls[s].value) for s in mine]
             with self.timeline.span("actor"):
-                actor_stats = self._train_actor(jobs, P.actor)
-            if mine[0] == 0:
-                stats.update(adv_stats[0])
-                stats.update(actor_stats)
-                stats.update(_buffer_stats(bufs[0]))
+                done = self._train_actor([(bufs[s], orders["actor"][s]) for s in mine], P.actor)
+            for s, st in zip(mine, done):
+                stats.setdefault(s, {}).update(st)
         if P.generator and parallel.member(P.sync_set()):
             with self.timeline.span("sync"):
                 model = self.m.actor if me == P.actor[0] else self.m.generator_model
@@ -409,10 +415,9 @@ class PPOTrainer:
         mine = P.shards("critic", me)
         if mine:
             with self.timeline.span("critic"):
-                critic_stats = self._train_critic([(bufs[s], orders["critic"][s]) for s in mine], P.critic)
-            if mine[0] == 0:
-                stats.update(critic_stats)
-        return stats
+                done = self._train_critic([(bufs[s], orders["critic"][s]) for s in mine], P.critic)
+            for s, st in zip(mine, done):
+                stats.setdefault(s, {}).update(st)
 
 
 def _buffer_stats(buf: RolloutBuffer) -> dict:
