@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def build_checkpoints(root: Path, dim: int, layers: int, tp: int, prompts: int) -> None:
     from llama_rlhf.checkpoint import save_meta
-    from llama_rlhf.data.records import write_json_atomic
+    from llama_rlhf.records import write_json_atomic
     from llama_rlhf.data.synthetic import make_problems
     from llama_rlhf.models import ModelArgs, build_model
     from llama_rlhf.tokenizers import load_tokenizer, train_sentencepiece

@@ -47,7 +47,7 @@ def write_sft_data(root: Path, new_tokens: int) -> int:
     """SFT records on the PPO prompts; returns the row length (longest prompt + new_tokens).
     Each answer is the solution repeated, so every row is cut at that length, as full as the
     longest PPO rollout of a random actor (which rarely stops before new_tokens)."""
-    from llama_rlhf.data.records import write_json_atomic
+    from llama_rlhf.records import write_json_atomic
     from llama_rlhf.tasks.gsm8k import format_prompt
     from llama_rlhf.tokenizers import load_tokenizer
 
@@ -63,11 +63,7 @@ def sft_child(out: str, argv: list[str]) -> None:
     """torchrun worker: run solver_train.py here, then write this rank's peak to out/peak.RR.json."""
     from llama_rlhf import metrics
     from llama_rlhf.ppo.timeline import peak_memory_mb
-    from llama_rlhf.trainers import base
 
-    # Trainer.fit times a matmul before training (n=8192 on CUDA: ~0.5 GiB allocated) for its
-    # MFU figure; that buffer is no part of training and would inflate max_memory_allocated.
-    base.measure_matmul_peak = lambda *a, **k: 0.0
     seen: dict = {}
     plot = metrics.MetricsLogger.plot
 

@@ -57,7 +57,8 @@ def main() -> None:
 
     from llama_rlhf import parallel
     from llama_rlhf.metrics import mfu
-    from llama_rlhf.trainers.base import TrainConfig, Trainer
+    from llama_rlhf.trainers.base import Trainer
+    from llama_rlhf.trainers.config import TrainConfig
     from llama_rlhf.trainers.sft import sft_objective
 
     ours, hf, args = build()
@@ -68,8 +69,8 @@ def main() -> None:
              "n_tokens": tokens.numel()}
     n_tok = tokens.numel()
 
-    cfg = TrainConfig(save_dir=tempfile.mkdtemp(), micro_batch_size=opt.batch, lr=1e-5, max_grad_norm=1.0,
-                      max_steps=1000, progress=False, peak_flops=1.0)
+    cfg = TrainConfig(ckpt_dir="", save_dir=tempfile.mkdtemp(), train_file="", max_batch_size=opt.batch, lr=1e-5,
+                      max_grad_norm=1.0, max_steps=1000, progress=False)
     trainer = Trainer(ours, sft_objective, opt.batch, lambda idx, ep: batch, cfg)
     hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
 

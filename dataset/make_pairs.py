@@ -9,13 +9,10 @@ written per question. Questions with only correct or only wrong samples are skip
 """
 import fire
 
-from llama_rlhf.cli import run_cli
-from llama_rlhf.data.pairs import make_pairs
+from llama_rlhf.cli import command
+from llama_rlhf.data.pairs import PairsConfig, make_pairs_command
 
-
-def main(results: str, dst: str, max_pairs_per_question: int = 4) -> None:
-    run_cli(make_pairs, results_json=str(results), dst=str(dst), max_pairs_per_question=int(max_pairs_per_question))
-
+main = command(PairsConfig, make_pairs_command, __doc__)
 
 if __name__ == "__main__":
     fire.Fire(main)

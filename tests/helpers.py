@@ -57,7 +57,7 @@ def run_script(script: str, *argv: str, timeout: int = 300) -> subprocess.Comple
 def ppo_checkpoints(root: Path, n_prompts: int) -> Path:
     """A tiny actor (solver) and critic (verifier) at TP=1 and TP=2, a tokenizer and prompts."""
     from llama_rlhf.checkpoint import save_meta
-    from llama_rlhf.data.records import write_json_atomic
+    from llama_rlhf.records import write_json_atomic
     from llama_rlhf.data.synthetic import make_problems
     from llama_rlhf.models import build_model
     from llama_rlhf.tokenizers import load_tokenizer

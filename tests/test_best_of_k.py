@@ -26,13 +26,13 @@ from pathlib import Path
 
 from llama_rlhf.checkpoint import load_model, save_meta
 from llama_rlhf.data.pairs import make_pairs
-from llama_rlhf.data.records import write_json_atomic
+from llama_rlhf.records import write_json_atomic
 from llama_rlhf.evaluation.best_of_n import rerank_with_verifier
-from llama_rlhf.evaluation.evaluate import evaluate
+from llama_rlhf.evaluation.evaluate import EvalConfig, evaluate
 from llama_rlhf.models import attach_reward_head, build_model, preset_args
 from llama_rlhf.tokenizers import load_tokenizer, train_sentencepiece
-from llama_rlhf.trainers.sft import setup_sft
-from llama_rlhf.trainers.verifier import setup_verifier
+from llama_rlhf.trainers.sft import SFTConfig, setup_sft
+from llama_rlhf.trainers.verifier import VerifierConfig, setup_verifier
 
 K = 8
 EVEN, ODD = [2, 4, 6, 8], [1, 3, 5, 7, 9]
@@ -71,20 +71,20 @@ def run_pipeline(root: Path, seed: int = 0, n_train: int = 192, n_test: int = 64
     args = preset_args("llama-tiny", vocab_size=load_tokenizer(sp).vocab_size, max_seq_len=64)
     save_meta(build_model(args, init_seed=seed).state_dict(), args, str(root / "init"), n=1, tokenizer_src=sp)
 
-    solver = setup_sft(ckpt_dir=str(root / "init"), save_dir=str(root / "solver"), train_file=str(root / "train.json"),
+    solver = setup_sft(SFTConfig(ckpt_dir=str(root / "init"), save_dir=str(root / "solver"), train_file=str(root / "train.json"),
                        max_batch_size=16, lr=3e-3, warmup_steps=10, max_steps=300, max_seq_len=64, seed=seed,
-                       **QUIET).fit()
+                       **QUIET)).fit()
 
     gen = dict(max_new_tokens=12, max_batch_size=64, t=1.0, num_samples=K)
-    samples = evaluate(solver, str(root / "train.json"), str(root / "samples"), seed=seed + 1, **gen)
+    samples = evaluate(EvalConfig(solver, str(root / "train.json"), str(root / "samples"), seed=seed + 1, **gen))
     pairs = make_pairs(str(root / "samples" / "results.json"), str(root / "pairs.json"), max_pairs_per_question=4)
 
-    verifier = setup_verifier(ckpt_dir=solver, save_dir=str(root / "verifier"), train_file=str(root / "pairs.json"),
+    verifier = setup_verifier(VerifierConfig(ckpt_dir=solver, save_dir=str(root / "verifier"), train_file=str(root / "pairs.json"),
                               loss="logexpwithlm", lm_coef=3.0, max_batch_size=16, epochs=12, lr=3e-3,
-                              warmup_steps=5, max_seq_len=64, seed=seed, **QUIET).fit()
+                              warmup_steps=5, max_seq_len=64, seed=seed, **QUIET)).fit()
 
-    held_out = evaluate(solver, str(root / "test.json"), str(root / "eval"), seed=seed + 2,
-                        verifier_ckpt_dir=verifier, **gen)
+    held_out = evaluate(EvalConfig(solver, str(root / "test.json"), str(root / "eval"), seed=seed + 2,
+                        verifier_ckpt_dir=verifier, **gen))
     return {"solver": solver, "verifier": verifier, "tokenizer": sp, "samples": samples, "pairs": pairs,
             "held_out": held_out}
 

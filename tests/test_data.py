@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from llama_rlhf.data.pairs import PairDataset
-from llama_rlhf.data.records import DataError, load_records, write_json_atomic
+from llama_rlhf.records import DataError, load_records, write_json_atomic
 from llama_rlhf.data.sft import SFTDataset
 from llama_rlhf.data.synthetic import make_problems, make_splits, write_synthetic
 from llama_rlhf.log import get_logger

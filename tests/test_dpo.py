@@ -15,7 +15,7 @@ from llama_rlhf.data.pairs import load_pair_dataset
 from llama_rlhf.scoring import action_logprobs, pair_batch
 from llama_rlhf.tokenizers import load_tokenizer
 from llama_rlhf.trainers import dpo
-from llama_rlhf.trainers.dpo import pair_logps, setup_dpo, sequence_logps
+from llama_rlhf.trainers.dpo import DPOConfig, pair_logps, setup_dpo, sequence_logps
 from tests.helpers import ROOT
 from tests.test_verifier import QUIET, build_env
 
@@ -65,9 +65,9 @@ def test_sequence_logps_match_scoring_alignment(env):
 
 def test_dpo_raises_held_out_margin_with_a_cached_reference(env, tmp_path, monkeypatch):
     calls = []
-    real = dpo.reference_logps
-    monkeypatch.setattr(dpo, "reference_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
-    trainer = setup_dpo(**_kw(env, tmp_path, epochs=2, beta=0.1, lr=3e-3))
+    real = dpo._cached_reference_logps
+    monkeypatch.setattr(dpo, "_cached_reference_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
+    trainer = setup_dpo(DPOConfig(**_kw(env, tmp_path, epochs=2, beta=0.1, lr=3e-3)))
     before = trainer.run_eval()
     trainer.fit()
     after = trainer.eval_history[-1]
@@ -100,8 +100,8 @@ def test_dpo_raises_held_out_margin_with_a_cached_reference(env, tmp_path, monke
 def test_ipo_and_label_smoothing_run(env, tmp_path, loss, smoothing, first_loss):
     # Every step's global batch is the whole train set (48 x 2 accumulation = 96 pairs), so
     # consecutive losses are comparable; LoRA adapters only.
-    trainer = setup_dpo(**_kw(env, tmp_path, loss=loss, label_smoothing=smoothing, beta=0.1, max_steps=2,
-                              label_file=None, lora_rank=4, lr=3e-3, max_batch_size=48, accumulation_steps=2))
+    trainer = setup_dpo(DPOConfig(**_kw(env, tmp_path, loss=loss, label_smoothing=smoothing, beta=0.1, max_steps=2,
+                              label_file=None, lora_rank=4, lr=3e-3, max_batch_size=48, accumulation_steps=2)))
     trainer.fit()
     losses = [h["loss"] for h in trainer.history]
     assert losses[0] == pytest.approx(first_loss, rel=1e-4)  # ipo: (0 - 1/(2 beta))^2
@@ -110,17 +110,17 @@ def test_ipo_and_label_smoothing_run(env, tmp_path, loss, smoothing, first_loss)
 
 def test_reference_dir_and_bad_input(env, tmp_path):
     # An explicit reference equal to the initial policy gives the same cache.
-    a = setup_dpo(**_kw(env, tmp_path, max_steps=1, label_file=None))
-    b = setup_dpo(**_kw(env, tmp_path, max_steps=1, label_file=None, reference_ckpt_dir=str(env / "solver-tp1")))
+    a = setup_dpo(DPOConfig(**_kw(env, tmp_path, max_steps=1, label_file=None)))
+    b = setup_dpo(DPOConfig(**_kw(env, tmp_path, max_steps=1, label_file=None, reference_ckpt_dir=str(env / "solver-tp1"))))
     assert torch.allclose(a.reference_logps[0], b.reference_logps[0], atol=1e-6)
     with pytest.raises(ValueError, match="label_smoothing applies to loss_type='sigmoid' only"):
-        setup_dpo(**_kw(env, tmp_path, loss="ipo", label_smoothing=0.1))
+        setup_dpo(DPOConfig(**_kw(env, tmp_path, loss="ipo", label_smoothing=0.1)))
     with pytest.raises(ValueError, match="beta must be > 0"):
-        setup_dpo(**_kw(env, tmp_path, beta=0.0))
+        setup_dpo(DPOConfig(**_kw(env, tmp_path, beta=0.0)))
     with pytest.raises(CheckpointError, match="is a verifier checkpoint"):
-        setup_dpo(**_kw(env, tmp_path, ckpt_dir=str(env / "verifier-tp1")))
+        setup_dpo(DPOConfig(**_kw(env, tmp_path, ckpt_dir=str(env / "verifier-tp1"))))
     with pytest.raises(ValueError, match="has 2 shards but --ckpt_dir has 1"):
-        setup_dpo(**_kw(env, tmp_path, reference_ckpt_dir=str(env / "solver-tp2")))
+        setup_dpo(DPOConfig(**_kw(env, tmp_path, reference_ckpt_dir=str(env / "solver-tp2"))))
     # The CLI wiring: bad input exits 2 with a one-line error.
     spec = importlib.util.spec_from_file_location("dpo_train", ROOT / "dpo_train.py")
     cli = importlib.util.module_from_spec(spec)

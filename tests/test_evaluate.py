@@ -5,7 +5,7 @@ import pytest
 
 from llama_rlhf.checkpoint import load_model, load_source, save_meta
 from llama_rlhf.data.synthetic import make_problems
-from llama_rlhf.evaluation.evaluate import encode_prompts, evaluate, generate_texts, score_item, summarize
+from llama_rlhf.evaluation.evaluate import EvalConfig, encode_prompts, evaluate, generate_texts, score_item, summarize
 from llama_rlhf.tasks.gsm8k import format_prompt
 from llama_rlhf.tokenizers import load_tokenizer
 from tests.fakes import tiny_sentencepiece
@@ -33,7 +33,7 @@ def setup(tmp_path_factory):
 
 def test_evaluate_results(setup, tmp_path):
     root, records = setup
-    res = evaluate(str(root / "ckpt"), str(root / "test.json"), str(tmp_path), **FAST)
+    res = evaluate(EvalConfig(str(root / "ckpt"), str(root / "test.json"), str(tmp_path), **FAST))
     written = json.loads((tmp_path / "results.json").read_text())
     assert written == res and KEYS <= set(res)
     assert res["total"] == len(records) == len(res["items"])
@@ -50,7 +50,7 @@ def test_evaluate_results(setup, tmp_path):
 
 def test_torchrun_dp2_matches_one_process(setup, tmp_path):
     root, _ = setup
-    one = evaluate(str(root / "ckpt"), str(root / "test.json"), str(tmp_path / "one"), **FAST)
+    one = evaluate(EvalConfig(str(root / "ckpt"), str(root / "test.json"), str(tmp_path / "one"), **FAST))
     torchrun(ROOT / "solver_evaluate.py", "--ckpt_dir", root / "ckpt", "--log_dir", tmp_path / "two",
              "--label_file", root / "test.json", "--max_new_tokens", 10, "--max_batch_size", 4)
     two = json.loads((tmp_path / "two" / "results.json").read_text())
@@ -59,12 +59,12 @@ def test_torchrun_dp2_matches_one_process(setup, tmp_path):
 
 def test_sampling_k_and_scoring(setup, tmp_path):
     root, records = setup
-    res = evaluate(str(root / "ckpt"), str(root / "test.json"), str(tmp_path), t=1.0, num_samples=3, limit=2,
-                   seed=1, **FAST)
+    res = evaluate(EvalConfig(str(root / "ckpt"), str(root / "test.json"), str(tmp_path), t=1.0, num_samples=3, limit=2,
+                   seed=1, **FAST))
     assert res["total"] == 2 and res["num_samples"] == 3
     assert all(len(it["outputs"]) == len(it["predicts"]) == 3 for it in res["items"])
-    again = evaluate(str(root / "ckpt"), str(root / "test.json"), str(tmp_path), t=1.0, num_samples=3, limit=2,
-                     seed=1, **FAST)
+    again = evaluate(EvalConfig(str(root / "ckpt"), str(root / "test.json"), str(tmp_path), t=1.0, num_samples=3, limit=2,
+                     seed=1, **FAST))
     assert again["items"] == res["items"]
     # Scoring: no-answer outputs count as wrong and missing; majority and pass@k per item.
     items = [score_item("q", ["so 5 - 2 = 3 left", "the answer is 4", "answer 4"], "4"),
@@ -81,7 +81,7 @@ def test_long_prompts_are_left_truncated_and_counted(setup, tmp_path):
     ids, n = encode_prompts(tok, [records[0]["instruction"], "Hi"], 8)
     full = tok.encode(format_prompt(records[0]["instruction"]))
     assert n == 1 and ids[0] == [tok.bos_id] + full[-7:] and ids[1] == tok.encode(format_prompt("Hi"))
-    res = evaluate(str(root / "ckpt"), str(root / "test.json"), str(tmp_path), max_seq_len=18, **FAST)
+    res = evaluate(EvalConfig(str(root / "ckpt"), str(root / "test.json"), str(tmp_path), max_seq_len=18, **FAST))
     assert res["truncated"] == sum(len(tok.encode(format_prompt(r["instruction"]))) > 8 for r in records) > 0
     assert res["total"] == len(records)
 
@@ -92,14 +92,14 @@ def test_bad_input_in_process(setup, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([records[0], {"instruction": "no label here"}]))
     with pytest.raises(ValueError, match=r"bad.json: record index 1.*label"):
-        evaluate(ckpt, str(bad), str(tmp_path))
+        evaluate(EvalConfig(ckpt, str(bad), str(tmp_path)))
     bad.write_text("")
     with pytest.raises(ValueError, match=r"bad.json: empty file"):
-        evaluate(ckpt, str(bad), str(tmp_path))
+        evaluate(EvalConfig(ckpt, str(bad), str(tmp_path)))
     with pytest.raises(ValueError, match="--num_samples 3 with --t 0"):
-        evaluate(ckpt, str(root / "test.json"), str(tmp_path), num_samples=3)
+        evaluate(EvalConfig(ckpt, str(root / "test.json"), str(tmp_path), num_samples=3))
     with pytest.raises(ValueError, match="--max_new_tokens 300 leaves no room"):
-        evaluate(ckpt, str(root / "test.json"), str(tmp_path), max_new_tokens=300)
+        evaluate(EvalConfig(ckpt, str(root / "test.json"), str(tmp_path), max_new_tokens=300))
     assert not (tmp_path / "results.json").exists()
 
 

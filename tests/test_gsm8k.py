@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from llama_rlhf.data.records import DataError, load_records
+from llama_rlhf.records import DataError, load_records
 from llama_rlhf.tasks.gsm8k import convert_gsm8k, extract_answer, is_correct, majority_vote, normalize_number
 
 GSM8K = Path(__file__).resolve().parents[2] / "shared/datasets/gsm8k"

@@ -1,6 +1,7 @@
-"""The SFT loss's hand-written backward (`_LinearCrossEntropy`: chunked, gradients formed in the
-forward) against autograd of the plain loss F.cross_entropy(h @ W.T, y, reduction="sum"): the
-loss and both gradients, in fp32 and in its bf16 branch, over several chunks."""
+"""The one log-prob path (scoring.py) against autograd of the plain [N, V] computation. The SFT
+loss's hand-written backward (`_LinearCrossEntropy`: chunked, gradients formed in the forward)
+against F.cross_entropy(h @ W.T, y, reduction="sum"): the loss and both gradients, in fp32 and in
+its bf16 branch, over several chunks; PPO's per-token log-probs and entropies; action positions."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llama_rlhf.trainers.sft import _LinearCrossEntropy, linear_cross_entropy
+from llama_rlhf.scoring import _LinearCrossEntropy, linear_cross_entropy
 
 N, D, V, CHUNK = 37, 24, 61, 8  # 5 chunks, the last one partial
 UPSTREAM = 0.37  # a loss scale (1 / tokens) as the trainer applies it: backward must honour it
@@ -115,3 +116,46 @@ def test_bf16_hidden_states_matches_fp32_oracle():
     torch.testing.assert_close(loss, ref_loss, rtol=2e-3, atol=0.0)
     _assert_bf16_close(gh, ref_gh)
     _assert_bf16_close(gw, ref_gw)
+
+
+def test_linear_logprobs_and_entropy_match_autograd_of_log_softmax():
+    """PPO's per-token path: log-probs and entropies, and the gradient of any weighting of both
+    (advantages on one, an entropy bonus on the other), against the plain [N, V] computation."""
+    from llama_rlhf.scoring import linear_logprobs
+    h, w, y = _inputs(1)
+    g = torch.Generator().manual_seed(2)
+    g_lp, g_ent = torch.randn(N, generator=g), torch.randn(N, generator=g)
+    out = nn.Linear(D, V, bias=False)
+    with torch.no_grad():
+        out.weight.copy_(w)
+    hh = h.clone().requires_grad_()
+    lp, ent = linear_logprobs(hh, out, y, chunk=CHUNK)
+    ((lp * g_lp).sum() + (ent * g_ent).sum()).backward()
+
+    h2, w2 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    logp_all = torch.log_softmax(h2 @ w2.t(), dim=-1)
+    lp2 = logp_all.gather(1, y[:, None])[:, 0]
+    ent2 = -(logp_all.exp() * logp_all).sum(-1)
+    ((lp2 * g_lp).sum() + (ent2 * g_ent).sum()).backward()
+    torch.testing.assert_close(lp, lp2.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent, ent2.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hh.grad, h2.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.weight.grad, w2.grad, rtol=1e-4, atol=1e-5)
+    assert ent2.mean() > 1.0 and h2.grad.abs().max() > 1e-2  # a real distribution, a real gradient
+
+
+def test_action_logprobs_match_a_full_forward():
+    """`scoring.action_logprobs` (only action positions projected) against the model's full
+    logits: log_softmax, gather of the next token, at the action positions; 0 elsewhere."""
+    from llama_rlhf.models import build_model, preset_args
+    from llama_rlhf.scoring import action_logprobs, pair_batch
+    model = build_model(preset_args("llama-tiny", vocab_size=V), init_seed=3)
+    batch = pair_batch([[1, 5, 9, 4], [1, 7]], [[11, 12, 2], [13, 14, 15, 16, 2]], pad_id=0)
+    logps, ents = action_logprobs(model, batch, with_entropy=True)
+    with torch.no_grad():
+        logp_all = torch.log_softmax(model(batch.tokens).float(), dim=-1)[:, :-1]  # [B, T-1, V]
+    want = logp_all.gather(2, batch.tokens[:, 1:, None])[..., 0] * batch.action_mask
+    want_ent = -(logp_all.exp() * logp_all).sum(-1) * batch.action_mask
+    torch.testing.assert_close(logps.detach(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ents.detach(), want_ent, rtol=1e-5, atol=1e-5)
+    assert (logps[~batch.action_mask] == 0).all() and logps[batch.action_mask].lt(0).all()

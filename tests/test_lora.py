@@ -80,3 +80,22 @@ def test_lora_output_zero_at_init(tiny):
     loss.backward()
     assert all(p.grad is None for n, p in model.named_parameters() if not n.endswith(("lora_A", "lora_B")))
     assert all(p.grad is not None for p in lora.lora_parameters(model).values())
+
+
+def test_lora_resume_onto_another_base_is_refused(tiny, tmp_path):  # noqa: F811
+    """The adapters of a LoRA run only mean something on the base they were trained on."""
+    import pytest
+
+    from llama_rlhf.checkpoint import save_meta
+    from llama_rlhf.models import build_model
+    from llama_rlhf.trainers import TrainingError
+    base = load_model(str(tiny / "tp1"))
+    other = build_model(base.args, init_seed=7)  # same shapes, other weights
+    save_meta(other.state_dict(), base.args, str(tmp_path / "other"), 1, tokenizer_src=str(tiny / "tp1"))
+    kw = dict(lora_rank=4, lr=1e-2, max_steps=2, max_batch_size=4)
+    sft(tiny, tmp_path / "run", **kw).fit()
+    with pytest.raises(TrainingError, match=r"trained on the base .*tp1.*not on --ckpt_dir .*other"):
+        sft(tiny, tmp_path / "run", **{**kw, "max_steps": 3}, ckpt_dir=str(tmp_path / "other"), resume=True).fit()
+    resumed = sft(tiny, tmp_path / "run", **{**kw, "max_steps": 3}, resume=True)  # its own base: fine
+    resumed.fit()
+    assert resumed.step == 3

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from llama_rlhf.losses import (dpo_loss, logexpwithlm_loss, masked_mean, masked_sum, masked_whiten,
-                               pairwise_loss, pointwise_loss, sft_loss, token_entropy,
+                               pairwise_loss, pointwise_loss, token_entropy,
                                token_logprobs)
 
 
@@ -93,30 +93,6 @@ def test_masked_whiten_by_hand():
 
 
 # --------------------------------------------------------------------------- SFT
-
-
-def test_sft_loss_by_hand_and_global_token_count():
-    logits = torch.tensor([[[0.0, 0.0], [2.0, 0.0], [5.0, 5.0]]])  # [1, 3, 2]
-    targets = torch.tensor([[0, 0, -100]])
-    mask = torch.tensor([[1, 1, 0]])
-    nll0 = math.log(2)
-    nll1 = -(2 - math.log(math.exp(2) + 1))
-    loss, stats = sft_loss(logits, targets, mask)
-    assert close(loss, (nll0 + nll1) / 2)
-    assert close(stats["loss_sum"], nll0 + nll1)
-    assert int(stats["tokens"]) == 2
-    # the trainer's global count (e.g. 8 tokens over all micro-batches / ranks) is the divisor
-    loss8, _ = sft_loss(logits, targets, mask, num_target_tokens=8)
-    assert close(loss8, (nll0 + nll1) / 8)
-    loss8t, _ = sft_loss(logits, targets, mask, num_target_tokens=torch.tensor(8))
-    assert close(loss8t, (nll0 + nll1) / 8)
-    # masked logits don't matter
-    logits2 = logits.clone()
-    logits2[0, 2] = torch.tensor([-30.0, 9.0])
-    assert close(sft_loss(logits2, targets, mask)[0], loss)
-
-
-# --------------------------------------------------------------------------- reward models
 
 
 def test_pairwise_loss_by_hand():

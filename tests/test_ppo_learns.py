@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from llama_rlhf.checkpoint import save_meta
-from llama_rlhf.data.records import write_json_atomic
+from llama_rlhf.records import write_json_atomic
 from llama_rlhf.models import ModelArgs, build_model
 from llama_rlhf.ppo.config import PPOConfig
 from llama_rlhf.ppo.run import heldout_accuracy, train_ppo
@@ -37,7 +37,7 @@ def _records(rows: list[tuple], rng: random.Random | None) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def sft_actor(tmp_path_factory):
-    from llama_rlhf.trainers.sft import setup_sft
+    from llama_rlhf.trainers.sft import SFTConfig, setup_sft
     root = tmp_path_factory.mktemp("ppo-learns")
     rng = random.Random(0)
     rows = [(n, i, a, b) for n in NAMES for i in ITEMS for a in NUMBERS for b in NUMBERS]
@@ -49,9 +49,9 @@ def sft_actor(tmp_path_factory):
     args = ModelArgs(family="llama", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=176,
                      vocab_size=load_tokenizer(sp).vocab_size, max_seq_len=64)
     save_meta(build_model(args, init_seed=0).state_dict(), args, str(root / "init"), n=1, tokenizer_src=sp)
-    sft = setup_sft(ckpt_dir=str(root / "init"), save_dir=str(root / "sft"), train_file=str(root / "train.json"),
+    sft = setup_sft(SFTConfig(ckpt_dir=str(root / "init"), save_dir=str(root / "sft"), train_file=str(root / "train.json"),
                     max_batch_size=32, lr=3e-3, warmup_steps=10, max_steps=250, epochs=10, max_seq_len=64,
-                    seed=0, progress=False, log_steps=50)
+                    seed=0, progress=False, log_steps=50))
     return root, sft.fit()
 
 

@@ -56,10 +56,10 @@ def dist_out(tiny):
 
 
 def sft(tiny, save_dir, **kw):
-    from llama_rlhf.trainers.sft import setup_sft
+    from llama_rlhf.trainers.sft import SFTConfig, setup_sft
     base = dict(ckpt_dir=str(tiny / "tp1"), save_dir=str(save_dir), train_file=str(tiny / "train.jsonl"),
                 lr=1e-3, max_seq_len=256, seed=3, max_grad_norm=0.5, progress=False, peak_flops=1.0)
-    return setup_sft(**{**base, **kw})
+    return setup_sft(SFTConfig(**{**base, **kw}))
 
 
 def grads_of(trainer):
@@ -240,7 +240,7 @@ def test_cli_checkpoints_resume_nan_and_bad_input(tiny, tmp_path):
                                         ('{"instruction": "a", "output": ["b"]}\n[1, 2]\n', ":2")])
 def test_bad_records_name_file_and_line(tiny, tmp_path, text, where):
     """Errors are DataError (a ValueError: one line and exit 2 through run_cli, as above)."""
-    from llama_rlhf.data.records import DataError
+    from llama_rlhf.records import DataError
     bad = tmp_path / "bad.jsonl"
     bad.write_text(text)
     with pytest.raises(DataError) as e:

@@ -14,13 +14,14 @@ import torch
 
 from llama_rlhf.checkpoint import CheckpointError, load_model, save_meta
 from llama_rlhf.data.pairs import DataError, PairDataset, load_pair_dataset, make_pairs
-from llama_rlhf.data.records import write_json_atomic
+from llama_rlhf.records import write_json_atomic
 from llama_rlhf.data.synthetic import make_splits
 from llama_rlhf.evaluation.best_of_n import best_of_n_report, rerank_with_verifier, score_samples
 from llama_rlhf.models import attach_reward_head, build_model, preset_args
 from llama_rlhf.scoring import pair_batch, sequence_scores
 from llama_rlhf.tokenizers import load_tokenizer
 from llama_rlhf.trainers.verifier import (
+    VerifierConfig,
     batch_scores, score_dataset, setup_verifier, verifier_objective,
 )
 from tests.fakes import tiny_sentencepiece
@@ -98,7 +99,7 @@ def test_tp1_equals_tp2_scores_and_training(env):
     for reduce in ("last", "mean"):
         tp1 = score_samples(verifier, tok, samples["instructions"], samples["samples"], 4, reduce)
         assert torch.allclose(torch.tensor(tp1), torch.tensor(tp2[f"scores_{reduce}"]), atol=1e-5), reduce
-    trainer = setup_verifier(**kw, ckpt_dir=str(env / "solver-tp1"), save_dir=str(env / "out-tp1"))
+    trainer = setup_verifier(VerifierConfig(**kw, ckpt_dir=str(env / "solver-tp1"), save_dir=str(env / "out-tp1")))
     trainer.fit()
     assert torch.allclose(torch.tensor([h["loss"] for h in trainer.history]), torch.tensor(tp2["loss"]), atol=1e-4)
     # Shift-invariant metrics only: a pairwise loss gives the head's bias a zero gradient, so
@@ -145,9 +146,9 @@ def test_packed_pairs_equal_unpacked(env):
 # ----------------------------------------------------------------------------- learning
 
 def test_verifier_learns_held_out_preference(env, tmp_path):
-    trainer = setup_verifier(ckpt_dir=str(env / "solver-tp1"), save_dir=str(tmp_path / "v"),
+    trainer = setup_verifier(VerifierConfig(ckpt_dir=str(env / "solver-tp1"), save_dir=str(tmp_path / "v"),
                              train_file=str(env / "train.json"), label_file=str(env / "test.json"),
-                             max_batch_size=16, epochs=2, lr=1e-3, warmup_steps=2, max_seq_len=128, **QUIET)
+                             max_batch_size=16, epochs=2, lr=1e-3, warmup_steps=2, max_seq_len=128, **QUIET))
     before = trainer.run_eval()
     last = trainer.fit()
     after = trainer.eval_history[-1]
@@ -165,11 +166,11 @@ def test_verifier_learns_held_out_preference(env, tmp_path):
 def test_lora_verifier_resumes_with_its_head(env, tmp_path):
     kw = dict(ckpt_dir=str(env / "solver-tp1"), train_file=str(env / "train.json"), label_file=str(env / "test.json"),
               max_batch_size=4, lr=1e-2, lora_rank=4, schedule="constant", max_seq_len=128, **QUIET)
-    straight = setup_verifier(save_dir=str(tmp_path / "a"), max_steps=3, **kw)
+    straight = setup_verifier(VerifierConfig(save_dir=str(tmp_path / "a"), max_steps=3, **kw))
     straight.fit()
     assert straight.model.reward_head.weight.requires_grad
-    setup_verifier(save_dir=str(tmp_path / "b"), max_steps=2, **kw).fit()
-    resumed = setup_verifier(save_dir=str(tmp_path / "b"), max_steps=3, resume=True, **kw)
+    setup_verifier(VerifierConfig(save_dir=str(tmp_path / "b"), max_steps=2, **kw)).fit()
+    resumed = setup_verifier(VerifierConfig(save_dir=str(tmp_path / "b"), max_steps=3, resume=True, **kw))
     resumed.fit()
     assert resumed.eval_history[-1]["eval/margin"] == pytest.approx(straight.eval_history[-1]["eval/margin"], abs=1e-5)
     assert torch.allclose(resumed.model.reward_head.weight, straight.model.reward_head.weight, atol=1e-6)
@@ -199,8 +200,8 @@ def test_identical_chosen_and_rejected_are_skipped_and_counted(env):
 
 def test_wrong_checkpoint_kind_is_a_clear_error(env, tmp_path):
     with pytest.raises(CheckpointError, match="is a verifier checkpoint.*solver checkpoint is expected"):
-        setup_verifier(ckpt_dir=str(env / "verifier-tp1"), save_dir=str(tmp_path / "x"),
-                       train_file=str(env / "train.json"), **QUIET)
+        setup_verifier(VerifierConfig(ckpt_dir=str(env / "verifier-tp1"), save_dir=str(tmp_path / "x"),
+                       train_file=str(env / "train.json"), **QUIET))
     with pytest.raises(CheckpointError, match="is a solver checkpoint.*verifier checkpoint is expected"):
         rerank_with_verifier(str(env / "solver-tp1"), [{"instruction": "q", "label": "1", "outputs": ["1"]}])
     with pytest.raises(ValueError, match="no reward head"):

@@ -20,8 +20,16 @@ from typing import Optional
 
 import fire
 
+from .checkpoint import save_meta
 from .cli import run_cli
+from .data.synthetic import write_synthetic
+from .errors import MissingPathError, UsageError
 from .log import get_logger
+from .metrics import plot_metrics
+from .models import ModelArgs, build_model
+from .records import load_records, write_json_atomic
+from .tasks.gsm8k import convert_gsm8k
+from .tokenizers import load_tokenizer, train_sentencepiece
 from .trainers.base import latest_checkpoint
 
 log = get_logger("llama_rlhf.demo")  # not __name__: this module also runs as __main__
@@ -114,9 +122,6 @@ class Pipeline:
     def _data(self) -> list[dict]:
         """The synthetic task, or the real GSM8K files run through the converter (first
         --n_train / --n_test problems)."""
-        from .data.records import load_records, write_json_atomic
-        from .data.synthetic import write_synthetic
-        from .tasks.gsm8k import convert_gsm8k
         c = self.cfg
         if not c.gsm8k:
             write_synthetic(self.data, c.n_train or 4000, c.n_test or 500, seed=c.seed, slip=c.slip)
@@ -124,7 +129,7 @@ class Pipeline:
             for split, n in (("train", c.n_train), ("test", c.n_test)):
                 src, dst = os.path.join(c.gsm8k, f"{split}.jsonl"), os.path.join(self.data, f"{split}.json")
                 if not os.path.isfile(src):
-                    raise FileNotFoundError(f"GSM8K={c.gsm8k}: no {split}.jsonl there (the official release files)")
+                    raise MissingPathError(f"GSM8K={c.gsm8k}: no {split}.jsonl there (the official release files)")
                 convert_gsm8k(src, dst)
                 if n:
                     write_json_atomic(load_records(dst, ("instruction", "output", "label"))[:n], dst)
@@ -133,9 +138,6 @@ class Pipeline:
     def _random_model(self, records: list[dict]) -> None:
         """A SentencePiece tokenizer trained on the train split and a random Llama of
         --dim x --n_layers, written at TP=1 (checkpoint_split makes the TP copy)."""
-        from .checkpoint import save_meta
-        from .models import ModelArgs, build_model
-        from .tokenizers import load_tokenizer, train_sentencepiece
         c = self.cfg
         texts = [r["instruction"] + "\n" + r["output"][0] for r in records]
         sp = train_sentencepiece(texts, os.path.join(self.data, "tokenizer"), c.vocab_size)
@@ -216,7 +218,6 @@ class Pipeline:
         return "\n".join(lines) + "\n"
 
     def curves(self) -> None:
-        from .metrics import plot_metrics
         for metrics, keys, png in ((("sft",), ["loss"], "sft_loss.png"),
                                    (("verifier",), ["accuracy", "loss"], "verifier.png"),
                                    (("ppo-actor",), ["reward/mean", "kl"], "ppo.png")):
@@ -233,7 +234,7 @@ def main(seed: int = 0, run_dir: Optional[str] = None, **overrides) -> None:
 def run_demo(**flags) -> None:
     unknown = sorted(set(flags) - set(DemoConfig.__dataclass_fields__))
     if unknown:
-        raise ValueError(f"demo: unknown flag --{unknown[0]} (see DemoConfig in src/llama_rlhf/demo.py)")
+        raise UsageError(f"demo: unknown flag --{unknown[0]} (see DemoConfig in src/llama_rlhf/demo.py)")
     cfg = DemoConfig(**flags)
     pipe = Pipeline(cfg)
     pipe.prepare()

@@ -37,6 +37,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from .errors import UsageError
 from .models.transformer import KVCache, Transformer
 
 _RUNNING, _EOS, _STOP, _LENGTH = 0, 1, 2, 3
@@ -77,20 +78,20 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, top_k: i
 def _check(prompts: Sequence[Sequence[int]], max_new_tokens: int, max_seq_len: int, temperature: float,
            top_p: float, top_k: int, stop_strings, tokenizer) -> None:
     if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        raise UsageError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+        raise UsageError(f"temperature must be >= 0, got {temperature}")
     if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        raise UsageError(f"top_p must be in (0, 1], got {top_p}")
     if top_k < 0:
-        raise ValueError(f"top_k must be >= 0, got {top_k}")
+        raise UsageError(f"top_k must be >= 0, got {top_k}")
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer to decode the generated text")
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise ValueError(f"prompt {i} is empty (it needs at least a BOS token)")
         if len(p) > max_seq_len:
-            raise ValueError(f"prompt {i} has {len(p)} tokens, longer than max_seq_len {max_seq_len} "
+            raise UsageError(f"prompt {i} has {len(p)} tokens, longer than max_seq_len {max_seq_len} "
                              f"(truncate it before generating)")
 
 

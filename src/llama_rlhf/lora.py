@@ -23,6 +23,7 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
+from .errors import UsageError
 from . import parallel
 from .parallel.grads import is_tp_sharded
 
@@ -55,7 +56,7 @@ def apply_lora(model: nn.Module, rank: int, alpha: float | None = None,
     `seed` (+ the TP rank for sharded A, so shards differ); B is zero. `alpha` defaults to `rank`
     (scale 1)."""
     if rank <= 0:
-        raise ValueError(f"--lora_rank must be > 0 to apply LoRA, got {rank}")
+        raise UsageError(f"--lora_rank must be > 0 to apply LoRA, got {rank}")
     if has_lora(model):
         raise ValueError("model already has LoRA adapters")
     alpha = float(rank if alpha is None else alpha)
@@ -142,6 +143,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-def mark_only_lora_trainable(model: nn.Module) -> None:
-    for n, p in model.named_parameters():
-        p.requires_grad_(n.endswith(("lora_A", "lora_B")))
+def base_fingerprint(model: nn.Module) -> list[tuple[str, tuple, float]]:
+    """(name, shape, sum) of the frozen base weights this rank holds: cheap, and it tells one
+    base checkpoint from another, so a LoRA resume can refuse adapters trained on another base."""
+    return [(n, tuple(p.shape), round(float(p.detach().double().sum()), 6))
+            for n, p in model.named_parameters() if not p.requires_grad]

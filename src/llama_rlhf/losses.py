@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from .errors import UsageError
 from torch import Tensor
 
 Stats = dict[str, "float | Tensor"]
@@ -77,26 +78,6 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
 # --------------------------------------------------------------------------- SFT
 
 
-def sft_loss(logits: Tensor, targets: Tensor, mask: Tensor,
-             num_target_tokens: int | Tensor | None = None) -> tuple[Tensor, Stats]:
-    """Token-level cross-entropy, summed over target tokens then divided by a global count.
-
-    logits: [B, T, V], targets/mask: [B, T]. With gradient accumulation and data
-    parallelism, dividing each micro-batch by its own token count would weight short
-    micro-batches up; so the trainer passes num_target_tokens = target tokens over all
-    accumulated micro-batches and DP ranks, making the summed gradient a true per-token mean.
-    Defaults to mask.sum() (the single-micro-batch case).
-    """
-    m = mask.bool()
-    safe_targets = targets.masked_fill(~m, 0)  # ignore-index (-100) entries would break gather
-    nll = -token_logprobs(logits, safe_targets)  # [B, T]
-    loss_sum = masked_sum(nll, m)
-    tokens = m.sum()
-    denom = tokens if num_target_tokens is None else num_target_tokens
-    denom = torch.as_tensor(denom, dtype=loss_sum.dtype, device=loss_sum.device).clamp(min=1)
-    return loss_sum / denom, {"loss_sum": loss_sum.detach(), "tokens": tokens}
-
-
 # --------------------------------------------------------------------------- reward models
 
 
@@ -164,13 +145,13 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     KL regularisation vanishes. beta must be > 0.
     """
     if loss_type not in ("sigmoid", "ipo"):
-        raise ValueError(f"dpo_loss: loss_type must be 'sigmoid' or 'ipo', got {loss_type!r}")
+        raise UsageError(f"dpo_loss: loss_type must be 'sigmoid' or 'ipo', got {loss_type!r}")
     if beta <= 0:
-        raise ValueError(f"dpo_loss: beta must be > 0, got {beta}")
+        raise UsageError(f"dpo_loss: beta must be > 0, got {beta}")
     if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"dpo_loss: label_smoothing must be in [0, 0.5), got {label_smoothing}")
+        raise UsageError(f"dpo_loss: label_smoothing must be in [0, 0.5), got {label_smoothing}")
     if loss_type == "ipo" and label_smoothing != 0.0:
-        raise ValueError("dpo_loss: label_smoothing applies to loss_type='sigmoid' only")
+        raise UsageError("dpo_loss: label_smoothing applies to loss_type='sigmoid' only")
     chosen_lr = policy_chosen_logps.float() - ref_chosen_logps.float()  # [B]
     rejected_lr = policy_rejected_logps.float() - ref_rejected_logps.float()  # [B]
     h = chosen_lr - rejected_lr  # [B]

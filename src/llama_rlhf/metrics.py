@@ -2,6 +2,7 @@
 and model-FLOPs utilisation against a matmul peak measured on the machine itself."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -141,3 +142,10 @@ def measure_matmul_peak(device: Optional[torch.device | str] = None, dtype: torc
         sync()
         best = min(best, (time.perf_counter() - t0) / inner)
     return 2.0 * n ** 3 / best
+
+
+@functools.lru_cache(maxsize=None)
+def device_peak_flops(device_type: str, dtype: torch.dtype) -> float:
+    """The matmul peak of this process's device, measured once per process (not once per
+    run): the denominator of the logged `mfu` when `--peak_flops` is not given."""
+    return measure_matmul_peak(parallel.device(), dtype, n=None if device_type == "cuda" else 1536, repeats=2)

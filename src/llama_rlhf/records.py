@@ -7,8 +7,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import UsageError
 
-class DataError(ValueError):
+
+class DataError(UsageError):
     """Bad input data; the message names the file and the line or record index."""
 
 

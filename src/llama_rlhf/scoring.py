@@ -1,6 +1,10 @@
-"""Forward passes over (prompt, response) pairs: per-token log-probs, values and
-verifier scores. Shared by the verifier, DPO and PPO so all three agree on one
-token alignment:
+"""Forward passes over (prompt, response) pairs, and THE log-prob path.
+
+Every log-prob the library trains on or compares comes from `linear_logprobs` /
+`linear_cross_entropy` here: SFT's loss, the verifier's LM term, DPO's sequence log-probs and
+PPO's action log-probs (with the entropy PPO logs). Both take final hidden states of the
+positions that matter only, and form the vocabulary projection a chunk of rows at a time, so
+no [B, T, V] fp32 logits tensor ever exists. One token alignment for the verifier, DPO and PPO:
 
     tokens  [B, T]    prompt + response, right-padded
     actions [B, T-1]  position j is the prediction of token j+1 from tokens <= j
@@ -10,8 +14,147 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-from .losses import token_entropy, token_logprobs
+from .errors import UsageError
+
+CHUNK = 1024  # rows of the vocabulary projection formed at once
+
+
+def _matmul_dtype(h: torch.Tensor) -> torch.dtype:
+    dev = h.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(h_i W^T, y_i) with the gradients formed during the forward, one chunk of rows
+    at a time: peak memory is one [chunk, V] block instead of [N, V] logits + softmax + grad,
+    and nothing is recomputed (the forward already holds softmax - onehot). Matmuls run in
+    `dtype` (bf16 under autocast), the weight gradient accumulates in fp32."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+                dtype: torch.dtype):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        w = weight.to(dtype)
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
+        for s in range(0, h.shape[0], chunk):
+            hc, yc = h[s:s + chunk].to(dtype), targets[s:s + chunk]
+            logits = (hc @ w.t()).float()  # [c, V]
+            target = logits.gather(1, yc[:, None])[:, 0]
+            # log-sum-exp in place, in four passes over the block (torch.logsumexp takes a copy)
+            m = logits.amax(dim=-1)
+            p = logits.sub_(m[:, None]).exp_()
+            total = p.sum(dim=-1)
+            loss += (m + total.log() - target).sum()
+            if need_h or need_w:
+                g = p.mul_(total.reciprocal_()[:, None])  # softmax
+                g[torch.arange(g.shape[0], device=g.device), yc] -= 1.0  # - onehot
+                g = g.to(dtype)
+                if need_h:
+                    grad_h[s:s + chunk] = g @ w
+                if need_w:
+                    if dtype == torch.float32:
+                        grad_w.addmm_(g.t(), hc)
+                    else:
+                        grad_w += (g.t() @ hc).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.w_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(ctx.w_dtype) if grad_w is not None else None
+        return gh, gw, None, None, None
+
+
+class _LinearLogprobs(torch.autograd.Function):
+    """Per row i: log softmax(h_i W^T)[y_i] and the entropy of softmax(h_i W^T), fp32 [N] each.
+    Chunked like _LinearCrossEntropy; the backward recomputes each chunk's softmax (the
+    per-row upstream gradients are only known then), so memory stays one [chunk, V] block.
+    d logp_i / dz = onehot(y_i) - p;  d H_i / dz = -p * (log p + H_i)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+                dtype: torch.dtype):
+        ctx.set_materialize_grads(False)
+        w = weight.to(dtype)
+        logp = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        ent = torch.empty_like(logp)
+        for s in range(0, h.shape[0], chunk):
+            logits = (h[s:s + chunk].to(dtype) @ w.t()).float()  # [c, V]
+            lse = torch.logsumexp(logits, dim=-1)
+            logp[s:s + chunk] = logits.gather(1, targets[s:s + chunk, None])[:, 0] - lse
+            ent[s:s + chunk] = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+        ctx.save_for_backward(h, weight, targets, ent)
+        ctx.chunk, ctx.dtype = chunk, dtype
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        h, weight, targets, ent = ctx.saved_tensors
+        w = weight.to(ctx.dtype)
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if ctx.needs_input_grad[1] else None
+        for s in range(0, h.shape[0], ctx.chunk):
+            hc, yc = h[s:s + ctx.chunk].to(ctx.dtype), targets[s:s + ctx.chunk]
+            logp_all = torch.log_softmax((hc @ w.t()).float(), dim=-1)  # [c, V]
+            p = logp_all.exp()
+            dz = torch.zeros_like(p)
+            if g_logp is not None:
+                gl = g_logp[s:s + ctx.chunk].float()
+                dz -= gl[:, None] * p
+                dz[torch.arange(dz.shape[0], device=dz.device), yc] += gl
+            if g_ent is not None:
+                ge = g_ent[s:s + ctx.chunk].float()
+                dz -= ge[:, None] * p * (logp_all + ent[s:s + ctx.chunk, None])
+            dz = dz.to(ctx.dtype)
+            if grad_h is not None:
+                grad_h[s:s + ctx.chunk] = dz @ w
+            if grad_w is not None:
+                grad_w += (dz.t() @ hc).float()
+        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None
+
+
+def _fused(output: nn.Module) -> bool:
+    """A plain bias-free projection (TP = 1); a fairscale column-parallel one is called per chunk."""
+    return isinstance(output, nn.Linear) and output.bias is None
+
+
+def linear_cross_entropy(h: torch.Tensor, output: nn.Module, targets: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
+    """Summed cross-entropy of `output(h)` against `targets` (= -sum of `linear_logprobs`);
+    h [N, dim], targets [N]. The gradient is formed in the forward: no recompute."""
+    if h.shape[0] == 0:
+        return h.sum() * 0.0 + output.weight.sum() * 0.0
+    if _fused(output):
+        return _LinearCrossEntropy.apply(h, output.weight, targets, chunk, _matmul_dtype(h))
+    total = None
+    for s in range(0, h.shape[0], chunk):
+        part = F.cross_entropy(output(h[s:s + chunk]).float(), targets[s:s + chunk], reduction="sum")
+        total = part if total is None else total + part
+    return total
+
+
+def linear_logprobs(h: torch.Tensor, output: nn.Module, targets: torch.Tensor,
+                    chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(targets | h) and the entropy of each row's next-token distribution, fp32 [N] each;
+    h [N, dim], targets [N]. Both are differentiable."""
+    if _fused(output):
+        return _LinearLogprobs.apply(h, output.weight, targets, chunk, _matmul_dtype(h))
+    logps, ents = [], []
+    for s in range(0, h.shape[0], chunk):
+        logp_all = torch.log_softmax(output(h[s:s + chunk]).float(), dim=-1)  # [c, V]
+        logps.append(logp_all.gather(1, targets[s:s + chunk, None])[:, 0])
+        ents.append(-(logp_all.exp() * logp_all).sum(-1))
+    if not logps:
+        empty = h.sum() * 0.0 + output.weight.sum() * 0.0
+        return empty.expand(0), empty.expand(0)
+    return torch.cat(logps), torch.cat(ents)
 
 
 @dataclass
@@ -41,17 +184,14 @@ def pair_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int
 
 
 def action_logprobs(model, batch: PairBatch, with_entropy: bool = False):
-    """log p(token j+1 | tokens <= j) for every action position: [B, T-1] (and entropy [B, T-1]).
-
-    Logits are only made from the first action column on: the prompt positions before it
-    would cost a [B, prompt, V] fp32 tensor for nothing (their values are 0 here)."""
-    start = int(batch.action_mask.any(0).int().argmax())  # first column with an action in any row
-    logits = model.output(model.hidden(batch.tokens)[:, start:-1]).float()  # [B, T-1-start, V]
-    pad = (start, 0)  # back to [B, T-1]
-    logps = torch.nn.functional.pad(token_logprobs(logits, batch.tokens[:, start + 1:]), pad)
-    if with_entropy:
-        return logps, torch.nn.functional.pad(token_entropy(logits), pad)
-    return logps
+    """log p(token j+1 | tokens <= j) at every action position, 0 elsewhere: [B, T-1] fp32
+    (and the entropy there, [B, T-1]). Only action positions reach the vocabulary projection."""
+    mask = batch.action_mask
+    h = model.hidden(batch.tokens)[:, :mask.shape[1]]  # [B, T-1, dim]
+    logp, ent = linear_logprobs(h[mask], model.output, batch.tokens[:, 1:mask.shape[1] + 1][mask])
+    zeros = torch.zeros(mask.shape, dtype=torch.float32, device=h.device)
+    logps = zeros.masked_scatter(mask, logp)
+    return (logps, zeros.masked_scatter(mask, ent)) if with_entropy else logps
 
 
 def action_values(model, batch: PairBatch) -> torch.Tensor:
@@ -69,4 +209,4 @@ def sequence_scores(model, batch: PairBatch, reduce: str = "last") -> torch.Tens
         mask = torch.zeros_like(values, dtype=torch.bool)
         mask[:, 1:] = batch.action_mask
         return (values * mask).sum(1) / mask.sum(1)
-    raise ValueError(f"--reduce must be 'last' or 'mean', got {reduce!r}")
+    raise UsageError(f"--reduce must be 'last' or 'mean', got {reduce!r}")

@@ -51,9 +51,9 @@ def lora_case(ckpt_dir: str, tokens: torch.Tensor):
 
 
 def main(ckpt_dir: str, train_file: str, out: str, micro_batch: str) -> None:
-    from llama_rlhf.trainers.sft import setup_sft
-    trainer = setup_sft(ckpt_dir=ckpt_dir, save_dir=f"{out}/run", train_file=train_file, max_batch_size=int(micro_batch),
-                        lr=1e-3, max_seq_len=256, seed=3, max_grad_norm=0.5, progress=False, peak_flops=1.0)
+    from llama_rlhf.trainers.sft import SFTConfig, setup_sft
+    trainer = setup_sft(SFTConfig(ckpt_dir=ckpt_dir, save_dir=f"{out}/run", train_file=train_file, max_batch_size=int(micro_batch),
+                        lr=1e-3, max_seq_len=256, seed=3, max_grad_norm=0.5, progress=False, peak_flops=1.0))
     t, d = parallel.tp_rank(), parallel.dp_rank()
     stats = trainer.compute_grads(trainer.micro_batches(0))
     torch.save({n: p.grad.clone() for n, p in trainer.model.named_parameters()}, f"{out}/grads.tp{t}.dp{d}.pt")

@@ -9,7 +9,7 @@ from llama_rlhf import parallel
 from llama_rlhf.checkpoint import load_model
 from llama_rlhf.evaluation.best_of_n import score_samples
 from llama_rlhf.tokenizers import load_tokenizer
-from llama_rlhf.trainers.verifier import setup_verifier
+from llama_rlhf.trainers.verifier import VerifierConfig, setup_verifier
 
 
 def main(root: str, out_file: str) -> None:
@@ -20,8 +20,8 @@ def main(root: str, out_file: str) -> None:
     out = {f"scores_{r}": score_samples(verifier, tok, samples["instructions"], samples["samples"], 3, r)
            for r in ("last", "mean")}
     del verifier
-    trainer = setup_verifier(**json.load(open(f"{root}/train_kwargs.json")), ckpt_dir=f"{root}/solver-tp2",
-                             save_dir=f"{root}/out-tp2")
+    trainer = setup_verifier(VerifierConfig(**json.load(open(f"{root}/train_kwargs.json")), ckpt_dir=f"{root}/solver-tp2",
+                             save_dir=f"{root}/out-tp2"))
     trainer.fit()
     out["loss"] = [h["loss"] for h in trainer.history]
     out["eval"] = trainer.eval_history[-1]

@@ -37,6 +37,7 @@ the prompt is computed once per pair and every score equals its unpacked value.
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -44,40 +45,16 @@ import torch
 
 from ..config import flag
 from ..log import get_logger
-from ..tasks.gsm8k import format_prompt, grade
-from .records import DataError, load_records, write_json_atomic
+from ..models import causal_mask
+from ..scoring import pair_batch
+from ..tasks.gsm8k import grade
+from ..records import DataError, load_records, write_json_atomic
+from .encoding import encode_prompt, encode_response, fit_length
 
 KINDS = ("pairwise", "pointwise")
 
 
 # ----------------------------------------------------------------------------- tokenisation
-
-def encode_prompt(tokenizer, instruction: str) -> list[int]:
-    """Prompt ids of an instruction, exactly as SFT, generation and PPO encode it."""
-    return tokenizer.encode(format_prompt(instruction), bos=True, eos=False)
-
-
-def encode_response(tokenizer, text: str) -> list[int]:
-    """Response ids of an answer text: its tokens + EOS (what SFT trains and generation emits)."""
-    return tokenizer.encode(text, bos=False, eos=False) + [tokenizer.eos_id]
-
-
-def fit_length(prompt: list[int], response: list[int], max_seq_len: Optional[int],
-               bos_id: Optional[int] = None) -> tuple[list[int], list[int], bool]:
-    """(prompt, response, truncated) with len(prompt) + len(response) <= max_seq_len: the prompt
-    is cut from the left (BOS kept), then the response from the end; both keep >= 1 token."""
-    if max_seq_len is None or len(prompt) + len(response) <= max_seq_len:
-        return prompt, response, False
-    if max_seq_len < 2:
-        raise ValueError(f"--max_seq_len must be >= 2, got {max_seq_len}")
-    keep_bos = bool(prompt) and bos_id is not None and prompt[0] == bos_id
-    room = max(max_seq_len - len(response), 1 + keep_bos)
-    if len(prompt) > room:
-        head = prompt[:1] if keep_bos else []
-        prompt = head + prompt[len(prompt) - (room - len(head)):]
-    response = response[:max_seq_len - len(prompt)]
-    return prompt, response, True
-
 
 # ----------------------------------------------------------------------------- records
 
@@ -228,7 +205,6 @@ def load_pair_dataset(path: str, tokenizer, max_seq_len: Optional[int] = None) -
 
 def collate_sequences(prompts: Sequence[list[int]], responses: Sequence[list[int]], pad_id: int) -> dict:
     """One right-padded row per sequence: exactly `scoring.pair_batch` (row i = sequence i)."""
-    from ..scoring import pair_batch
     b = pair_batch(list(prompts), list(responses), pad_id)
     S, T = b.tokens.shape
     resp = torch.zeros((S, T), dtype=torch.bool)
@@ -270,15 +246,11 @@ def collate_pairs(pairs: Sequence[Pair], pad_id: int, packing: bool = False) -> 
 
 
 def packed_mask(positions: torch.Tensor, segments: torch.Tensor, window: Optional[int] = None) -> torch.Tensor:
-    """Attention mask [R, 1, T, T] (True = attend) of packed pair rows: causal by position, a
-    token sees its own segment, and chosen / rejected tokens also see the prompt (segment 0)."""
-    q_pos, k_pos = positions[:, :, None], positions[:, None, :]
-    q_seg, k_seg = segments[:, :, None], segments[:, None, :]
-    m = k_pos <= q_pos
-    if window is not None:
-        m = m & (q_pos - k_pos < window)
-    m = m & ((q_seg == k_seg) | ((k_seg == 0) & ((q_seg == 1) | (q_seg == 2))))
-    return m[:, None]
+    """Attention mask [R, 1, T, T] (True = attend) of packed pair rows: `causal_mask` by position,
+    and a token sees its own segment, chosen / rejected tokens (segments 1, 2) also the prompt (0)."""
+    q_seg, k_seg = segments[:, None, :, None], segments[:, None, None, :]
+    answer_sees_prompt = (k_seg == 0) & ((q_seg == 1) | (q_seg == 2))
+    return causal_mask(positions, positions, window) & ((q_seg == k_seg) | answer_sees_prompt)
 
 
 # ----------------------------------------------------------------------------- make_pairs
@@ -321,7 +293,6 @@ def make_pairs(results_json: str, dst: str, max_pairs_per_question: int = 4) -> 
     rejected answers; up to `max_pairs_per_question` pairs are written per question, one record
     per pair. Questions whose samples are all correct or all wrong give no pair (counted).
     Returns the counts (also logged)."""
-    import json
     if max_pairs_per_question < 1:
         raise ValueError(f"--max_pairs_per_question must be >= 1, got {max_pairs_per_question}")
     try:

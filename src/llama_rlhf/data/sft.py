@@ -22,8 +22,9 @@ from typing import Sequence
 import torch
 
 from ..log import get_logger
-from ..tasks.gsm8k import format_prompt
-from .records import DataError, load_records
+
+from ..records import DataError, load_records
+from .encoding import encode_prompt, encode_response
 
 REQUIRED = ("instruction", "output")
 
@@ -59,16 +60,15 @@ class SFTDataset:
         self.pad_id = tokenizer.pad_id
         self.seqs: list[list[tuple[list[int], int]]] = []  # per record: [(sequence, n_prompt)]
         self.n_sequences = self.n_truncated = self.n_empty = 0
-        eos = tokenizer.eos_id
         for i, rec in enumerate(records):
             where = f"{source}: record {i}"
             missing = [k for k in REQUIRED if k not in rec]
             if missing:
                 raise DataError(f"{where}: record is missing key(s) {', '.join(missing)}")
-            prompt = tokenizer.encode(format_prompt(rec["instruction"]), bos=True, eos=False)
+            prompt = encode_prompt(tokenizer, rec["instruction"])
             seqs = []
             for answer in _answers(rec, where):
-                seq = prompt + tokenizer.encode(answer, bos=False, eos=False) + [eos]
+                seq = prompt + encode_response(tokenizer, answer)
                 self.n_sequences += 1
                 if len(seq) > self.max_seq_len + 1:
                     seq = seq[:self.max_seq_len + 1]

@@ -9,7 +9,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from .records import write_json_atomic
+from ..records import write_json_atomic
 
 _PEOPLE = [("Tom", "he", "his"), ("Ann", "she", "her"), ("Sam", "he", "his"), ("Mia", "she", "her")]
 _ITEMS = [("apples", "bags"), ("coins", "jars"), ("books", "boxes"), ("pens", "packs")]

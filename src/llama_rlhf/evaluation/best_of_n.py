@@ -17,9 +17,14 @@ from typing import Optional, Sequence
 import torch
 
 from .. import parallel
-from ..data.pairs import encode_prompt, encode_response, fit_length, results_items
+from ..checkpoint import load_model
+from ..data.encoding import encode_prompt, encode_response, fit_length
+from ..data.pairs import results_items
 from ..log import get_logger
+from ..scoring import pair_batch, sequence_scores
 from ..tasks.gsm8k import extract_answer, is_correct, majority_vote
+from ..tokenizers import load_tokenizer
+from ..trainers.base import autocast
 
 
 @torch.no_grad()
@@ -29,8 +34,6 @@ def score_samples(verifier, tokenizer, instructions: Sequence[str], samples: Seq
     nesting of floats. Every TP rank of a replica must call it with the same input (no DP split
     here: see `rerank_with_verifier`). Sequences longer than the model's max_seq_len lose
     prompt tokens from the left."""
-    from ..scoring import pair_batch, sequence_scores
-    from ..trainers.base import autocast
     if len(instructions) != len(samples):
         raise ValueError(f"score_samples: {len(instructions)} instructions but {len(samples)} sample lists")
     if max_batch_size < 1:
@@ -117,8 +120,6 @@ def rerank_with_verifier(verifier_ckpt_dir: str, items: Sequence[dict], max_batc
     """Load the verifier of `verifier_ckpt_dir` (a solver dir is refused), score every item's
     samples (DP replicas take strided items), free the verifier and return `best_of_n_report`
     (identical on every rank). `items` must be the same on every rank."""
-    from ..checkpoint import load_model
-    from ..tokenizers import load_tokenizer
     items = results_items(list(items), "items")
     tokenizer = load_tokenizer(tokenizer_file or verifier_ckpt_dir)
     verifier = load_model(verifier_ckpt_dir, model_type, role="verifier").eval()

@@ -5,7 +5,7 @@
 
 Records are {"instruction", "label", ...}. Data-parallel replicas take every dp_size-th
 record, each replica's tensor-parallel ranks generate together, and rank 0 writes
-`log_dir/results.json`. Prompts are `format_prompt(instruction)` (data/template.py), the
+`log_dir/results.json`. Prompts are `format_prompt(instruction)` (tasks/gsm8k.py), the
 same template the trainers use.
 
 Prompts longer than `max_seq_len - max_new_tokens` tokens are truncated from the left
@@ -15,14 +15,22 @@ as `truncated` in results.json.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Optional
 
+from tqdm import tqdm
+
 from .. import parallel
-from ..data.records import DataError, load_records, write_json_atomic
-from ..data.template import format_prompt
+from ..checkpoint import load_model, shard_files
+from ..config import flag
+from ..data.encoding import encode_prompt, left_truncate
+from ..errors import MissingPathError, UsageError
+from ..records import DataError, load_records, write_json_atomic
 from ..generation import generate
 from ..log import get_logger
-from .gsm8k import extract_answer, is_correct, majority_vote
+from ..tokenizers import load_tokenizer
+from .best_of_n import rerank_with_verifier
+from ..tasks.gsm8k import extract_answer, is_correct, majority_vote
 
 TASKS = ("GSM8K",)
 log = get_logger(__name__)
@@ -31,35 +39,28 @@ log = get_logger(__name__)
 def encode_prompts(tokenizer, instructions: list[str], max_prompt_len: int) -> tuple[list[list[int]], int]:
     """Prompt ids of each instruction, left-truncated to `max_prompt_len` (BOS kept); and how many were cut."""
     if max_prompt_len < 1:
-        raise ValueError(f"no room for a prompt: max_seq_len - max_new_tokens = {max_prompt_len}")
-    prompts, truncated = [], 0
-    for ins in instructions:
-        ids = tokenizer.encode(format_prompt(ins), bos=True, eos=False)
-        if len(ids) > max_prompt_len:
-            head = ids[:1] if tokenizer.bos_id is not None and ids[0] == tokenizer.bos_id and max_prompt_len > 1 else []
-            ids = head + ids[len(ids) - (max_prompt_len - len(head)):]
-            truncated += 1
-        prompts.append(ids)
-    return prompts, truncated
+        raise UsageError(f"no room for a prompt: max_seq_len - max_new_tokens = {max_prompt_len}")
+    full = [encode_prompt(tokenizer, ins) for ins in instructions]
+    prompts = [left_truncate(ids, max_prompt_len, tokenizer.bos_id) for ids in full]
+    return prompts, sum(len(a) != len(b) for a, b in zip(full, prompts))
 
 
 def _generate(model, tokenizer, instructions: list[str], max_new_tokens: int, temperature: float, top_p: float,
               top_k: int, num_samples: int, max_batch_size: int, seed: int, max_seq_len: Optional[int],
               progress: bool) -> tuple[list[list[str]], int]:
     if max_batch_size < 1:
-        raise ValueError(f"--max_batch_size must be >= 1, got {max_batch_size}")
+        raise UsageError(f"--max_batch_size must be >= 1, got {max_batch_size}")
     if num_samples < 1:
-        raise ValueError(f"--num_samples must be >= 1, got {num_samples}")
+        raise UsageError(f"--num_samples must be >= 1, got {num_samples}")
     limit = max_seq_len or model.args.max_seq_len
     if max_new_tokens >= limit:
-        raise ValueError(f"--max_new_tokens {max_new_tokens} leaves no room for a prompt in --max_seq_len {limit}")
+        raise UsageError(f"--max_new_tokens {max_new_tokens} leaves no room for a prompt in --max_seq_len {limit}")
     prompts, truncated = encode_prompts(tokenizer, instructions, limit - max_new_tokens)
     # Longest prompts first (less padding per batch, and an out-of-memory shows up at once);
     # the K samples of a prompt are neighbours, so they share a batch.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     rows = [(i, k) for i in order for k in range(num_samples)]
     texts: list[list[str]] = [[""] * num_samples for _ in prompts]
-    from tqdm import tqdm
     bar = tqdm(total=len(rows), desc="generating", unit="seq", disable=not (progress and parallel.is_main()))
     for b, start in enumerate(range(0, len(rows), max_batch_size)):
         chunk = rows[start:start + max_batch_size]
@@ -111,22 +112,42 @@ def summarize(items: list[dict], num_samples: int, truncated: int = 0) -> dict:
             "truncated": truncated, "items": items}
 
 
-def _check_args(task: str, max_batch_size: int, max_new_tokens: int, t: float, p: float, top_k: int,
-                num_samples: int, limit: Optional[int]) -> None:
-    if task.upper() not in TASKS:
-        raise ValueError(f"--task {task!r} is not supported; expected one of {', '.join(TASKS)}")
-    checks = [(max_batch_size >= 1, f"--max_batch_size must be >= 1, got {max_batch_size}"),
-              (max_new_tokens >= 1, f"--max_new_tokens must be >= 1, got {max_new_tokens}"),
-              (t >= 0, f"--t (temperature) must be >= 0, got {t}"),
-              (0 < p <= 1, f"--p (top-p) must be in (0, 1], got {p}"),
-              (top_k >= 0, f"--top_k must be >= 0, got {top_k}"),
-              (num_samples >= 1, f"--num_samples must be >= 1, got {num_samples}"),
-              (num_samples == 1 or t > 0, f"--num_samples {num_samples} with --t 0 (greedy) would repeat one "
-                                          f"answer; set --t > 0 to sample"),
-              (limit is None or limit >= 1, f"--limit must be >= 1, got {limit}")]
-    for ok, msg in checks:
-        if not ok:
-            raise ValueError(msg)
+@dataclass
+class EvalConfig:
+    """`solver_evaluate.py`'s flags."""
+    ckpt_dir: str = flag(path="dir")
+    label_file: str = flag(path="file")
+    log_dir: str = flag()
+    task: str = flag("GSM8K", choices=TASKS)
+    model_type: Optional[str] = None
+    tokenizer_file: Optional[str] = flag(None, path="any")  # default: the tokenizer in --ckpt_dir
+    max_batch_size: int = 384
+    max_new_tokens: int = 256
+    max_seq_len: Optional[int] = None
+    t: float = 0.0  # temperature; 0 is greedy
+    p: float = 1.0  # top-p
+    top_k: int = 0
+    num_samples: int = 1
+    limit: Optional[int] = None  # the first N records only
+    seed: int = 0
+    verifier_ckpt_dir: Optional[str] = flag(None, path="dir")  # rerank the samples: best-of-K
+    reduce: str = flag("last", choices=("last", "mean"))
+
+    def validate(self) -> None:
+        checks = [(self.task.upper() in TASKS, f"--task {self.task!r} is not supported; expected one of "
+                                               f"{', '.join(TASKS)}"),
+                  (self.max_batch_size >= 1, f"--max_batch_size must be >= 1, got {self.max_batch_size}"),
+                  (self.max_new_tokens >= 1, f"--max_new_tokens must be >= 1, got {self.max_new_tokens}"),
+                  (self.t >= 0, f"--t (temperature) must be >= 0, got {self.t}"),
+                  (0 < self.p <= 1, f"--p (top-p) must be in (0, 1], got {self.p}"),
+                  (self.top_k >= 0, f"--top_k must be >= 0, got {self.top_k}"),
+                  (self.num_samples >= 1, f"--num_samples must be >= 1, got {self.num_samples}"),
+                  (self.num_samples == 1 or self.t > 0, f"--num_samples {self.num_samples} with --t 0 (greedy) "
+                                                        f"would repeat one answer; set --t > 0 to sample"),
+                  (self.limit is None or self.limit >= 1, f"--limit must be >= 1, got {self.limit}")]
+        for ok, msg in checks:
+            if not ok:
+                raise UsageError(msg)
 
 
 def load_labelled(label_file: str, limit: Optional[int] = None) -> list[dict]:
@@ -155,47 +176,47 @@ def _items(model, tokenizer, records: list[dict], t: float, p: float, num_sample
     return items, sum(n for _, n in gathered)
 
 
-def evaluate(ckpt_dir: str, label_file: str, log_dir: str, task: str = "GSM8K", model_type: Optional[str] = None,
-             tokenizer_file: Optional[str] = None, max_batch_size: int = 384, max_new_tokens: int = 256,
-             max_seq_len: Optional[int] = None, t: float = 0.0, p: float = 1.0, top_k: int = 0,
-             num_samples: int = 1, limit: Optional[int] = None, seed: int = 0,
-             verifier_ckpt_dir: Optional[str] = None, reduce: str = "last") -> dict:
+def evaluate(cfg: EvalConfig) -> dict:
     """Evaluate a solver checkpoint; returns the results dict (on every rank) that rank 0 writes.
 
     With `verifier_ckpt_dir`, the K samples of each question are also reranked by the
     verifier: `results["best_of_n"]` has greedy, majority, best-of-K and pass@K accuracy."""
-    from ..checkpoint import load_model, shard_files
-    from .best_of_n import rerank_with_verifier
-    from ..tokenizers import load_tokenizer
-    _check_args(task, max_batch_size, max_new_tokens, t, p, top_k, num_samples, limit)
-    records = load_labelled(label_file, limit)
-    if not os.path.isdir(ckpt_dir):
-        raise FileNotFoundError(f"--ckpt_dir {ckpt_dir}: no such directory")
-    parallel.init(tp=len(shard_files(ckpt_dir)) or 1)
+    cfg.validate()
+    records = load_labelled(cfg.label_file, cfg.limit)
+    if not os.path.isdir(cfg.ckpt_dir):
+        raise MissingPathError(f"--ckpt_dir {cfg.ckpt_dir}: no such directory")
+    parallel.init(tp=len(shard_files(cfg.ckpt_dir)) or 1)
     try:
-        tokenizer = load_tokenizer(tokenizer_file or ckpt_dir)
+        tokenizer = load_tokenizer(cfg.tokenizer_file or cfg.ckpt_dir)
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"{e} (pass --tokenizer_file)" if not tokenizer_file else str(e)) from None
-    model = load_model(ckpt_dir, model_type, role="solver").eval()
-    if max_seq_len is not None and max_seq_len > model.args.max_seq_len:
-        raise ValueError(f"--max_seq_len {max_seq_len} exceeds the checkpoint's max_seq_len {model.args.max_seq_len}")
-    log.info(f"evaluating {ckpt_dir} on {len(records)} records of {label_file} "
+        raise MissingPathError(f"{e} (pass --tokenizer_file)" if not cfg.tokenizer_file else str(e)) from None
+    return _run(cfg, tokenizer, records)
+
+
+def _run(cfg: EvalConfig, tokenizer, records: list[dict]) -> dict:
+    """Load the solver, generate, score, rerank (with a verifier) and write results.json on rank 0."""
+    model = load_model(cfg.ckpt_dir, cfg.model_type, role="solver").eval()
+    if cfg.max_seq_len is not None and cfg.max_seq_len > model.args.max_seq_len:
+        raise UsageError(f"--max_seq_len {cfg.max_seq_len} exceeds the checkpoint's max_seq_len "
+                         f"{model.args.max_seq_len}")
+    t, p, top_k, num_samples, log_dir = cfg.t, cfg.p, cfg.top_k, cfg.num_samples, cfg.log_dir
+    log.info(f"evaluating {cfg.ckpt_dir} on {len(records)} records of {cfg.label_file} "
              f"(TP {parallel.tp_size()}, DP {parallel.dp_size()}, {'greedy' if t == 0 else f't={t} p={p} top_k={top_k}'}, "
              f"{num_samples} sample(s))")
-
-    gen = dict(max_new_tokens=max_new_tokens, top_k=top_k, max_batch_size=max_batch_size, seed=seed,
-               max_seq_len=max_seq_len)
+    gen = dict(max_new_tokens=cfg.max_new_tokens, top_k=cfg.top_k, max_batch_size=cfg.max_batch_size, seed=cfg.seed,
+               max_seq_len=cfg.max_seq_len)
     items, truncated = _items(model, tokenizer, records, t=t, p=p, num_samples=num_samples, **gen)
     results = summarize(items, num_samples, truncated)
-    if verifier_ckpt_dir:
+    if cfg.verifier_ckpt_dir:
         if num_samples > 1:  # greedy beside the samples, so the report compares them side by side
             greedy, _ = _items(model, tokenizer, records, t=0.0, p=1.0, num_samples=1, **gen)
             for item, g in zip(items, greedy):
                 item["greedy"], item["greedy_correct"] = g["output"], g["correct"]
         del model
-        results["best_of_n"] = rerank_with_verifier(verifier_ckpt_dir, items, max_batch_size, reduce)
-    results["config"] = {"task": task.upper(), "ckpt_dir": ckpt_dir, "label_file": label_file, "t": t, "p": p,
-                         "top_k": top_k, "max_new_tokens": max_new_tokens, "seed": seed}
+        results["best_of_n"] = rerank_with_verifier(cfg.verifier_ckpt_dir, items, cfg.max_batch_size, cfg.reduce)
+    results["config"] = {"task": cfg.task.upper(), "ckpt_dir": cfg.ckpt_dir, "label_file": cfg.label_file,
+                         "t": cfg.t, "p": cfg.p, "top_k": cfg.top_k, "max_new_tokens": cfg.max_new_tokens,
+                         "seed": cfg.seed}
     if parallel.is_main():
         if results["truncated"]:
             log.warning(f"{results['truncated']} prompt(s) longer than max_seq_len - max_new_tokens "

@@ -12,10 +12,12 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from ..errors import UsageError
+
 FAMILIES = ("llama", "mistral", "mixtral", "qwen")
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A checkpoint config that is missing, unknown or contradicts itself."""
 
 

@@ -6,20 +6,19 @@ form one tensor-parallel group (one model replica), replicas are data parallel.
 """
 from .state import (
     all_gather_objects, barrier, device, dp_all_reduce, dp_group, dp_rank, dp_size, init, is_distributed,
-    is_main, rank, tp_group, tp_rank, tp_size, world_size, broadcast_object, autocast_dtype,
+    is_main, rank, tp_group, tp_rank, tp_size, world_size, autocast_dtype,
 )
 from .layers import column_parallel_linear, row_parallel_linear, vocab_parallel_embedding
 from .grads import (
     all_reduce_grads, clip_grad_norm, copy_to_tp, grad_norm, is_tp_sharded, param_count, reduce_from_tp, scale_grads,
-    tp_all_reduce,
 )
 from .groups import ReplicaGroups, all_gather_ranks, all_reduce_grads_over, broadcast_params, gather_objects, member
 
 __all__ = [
     "all_gather_objects", "barrier", "device", "dp_all_reduce", "dp_group", "dp_rank", "dp_size", "init",
-    "is_distributed", "is_main", "rank", "tp_group", "tp_rank", "tp_size", "world_size", "broadcast_object",
+    "is_distributed", "is_main", "rank", "tp_group", "tp_rank", "tp_size", "world_size",
     "autocast_dtype", "column_parallel_linear", "row_parallel_linear", "vocab_parallel_embedding",
     "all_reduce_grads", "clip_grad_norm", "copy_to_tp", "grad_norm", "is_tp_sharded", "param_count",
-    "reduce_from_tp", "scale_grads", "tp_all_reduce", "ReplicaGroups", "all_gather_ranks", "all_reduce_grads_over",
+    "reduce_from_tp", "scale_grads", "ReplicaGroups", "all_gather_ranks", "all_reduce_grads_over",
     "broadcast_params", "gather_objects", "member",
 ]

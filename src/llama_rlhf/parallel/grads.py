@@ -140,8 +140,3 @@ def reduce_from_tp(x: torch.Tensor) -> torch.Tensor:
     return fsm.reduce_from_model_parallel_region(x) if tp_size() > 1 else x
 
 
-def tp_all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """In-place all-reduce over the tensor-parallel group (sum or max)."""
-    if tp_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=tp_group())
-    return tensor

@@ -8,9 +8,9 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from ..errors import UsageError
 from fairscale.nn.model_parallel import initialize as fs
 
-_TP = 1
 
 
 def is_distributed() -> bool:
@@ -35,13 +35,11 @@ def init(tp: Optional[int] = None) -> None:
     `tp` defaults to 1; scripts pass the number of shards in the checkpoint dir.
     Without torchrun (a laptop) nothing is initialised and TP = DP = 1.
     """
-    global _TP
     world = int(os.environ.get("WORLD_SIZE", 1))
     tp = tp or 1
     if world % tp:
-        raise ValueError(f"world size {world} (torchrun --nproc_per_node) is not a multiple of the "
+        raise UsageError(f"world size {world} (torchrun --nproc_per_node) is not a multiple of the "
                          f"tensor-parallel size {tp} (checkpoint shards)")
-    _TP = tp
     if world == 1 and tp == 1:
         return
     if not is_distributed():
@@ -118,14 +116,6 @@ def all_gather_objects(obj: Any, group: str = "dp") -> list:
     dist.all_gather_object(out, obj)
     # TP ranks of one replica hold the same object: keep one per replica.
     return out[::tp_size()]
-
-
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 def _mp() -> bool:

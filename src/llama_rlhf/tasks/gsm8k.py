@@ -27,7 +27,7 @@ import re
 from collections import Counter
 from decimal import Decimal, InvalidOperation
 
-from ..data.records import DataError, iter_records, write_json_atomic
+from ..records import DataError, iter_records, write_json_atomic
 from ..log import get_logger
 
 # ----------------------------------------------------------------------------- prompt

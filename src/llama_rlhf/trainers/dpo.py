@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import gc
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -28,17 +29,22 @@ import torch.nn as nn
 
 from .. import parallel
 from ..data.pairs import PairDataset, collate_pairs, load_pair_dataset
+from ..checkpoint import load_model, shard_files
+from ..config import flag
+from ..errors import MissingPathError, UsageError
 from ..log import get_logger
+from ..lora import apply_lora
 from ..losses import dpo_loss
-from .base import Trainer, autocast, load_for_training, train_config
-from .verifier import check_common, forward_hidden
+from ..scoring import linear_cross_entropy
+from .base import Trainer, autocast, load_for_training
+from .config import TrainConfig
+from .verifier import forward_hidden
 
 DPO_LOSSES = ("sigmoid", "ipo")
 
 
 def sequence_logps(model: nn.Module, batch: dict) -> torch.Tensor:
     """Summed log-prob of each sequence's response tokens (+ EOS) given its prompt [S], fp32."""
-    from .sft import linear_cross_entropy
     h = forward_hidden(model, batch)
     dev = h.device
     tokens = batch["tokens"].to(dev)
@@ -74,11 +80,6 @@ def pair_logps(model: nn.Module, datasets: list[PairDataset], max_batch_size: in
         out.append(table)
     model.train(was_training)
     return out
-
-
-def reference_logps(reference: nn.Module, datasets: list[PairDataset], max_batch_size: int) -> list[torch.Tensor]:
-    """The reference's cached log-probs (`pair_logps`); called once per run, before training."""
-    return pair_logps(reference, datasets, max_batch_size)
 
 
 def dpo_collate(dataset: PairDataset, ref: torch.Tensor):
@@ -123,75 +124,75 @@ def _cached_reference_logps(model, reference_ckpt_dir: Optional[str], model_type
                             datasets: list, bs: int) -> list:
     """Reference log-probs of every dataset: from --reference_ckpt_dir (loaded, used, freed) or the
     initial policy."""
-    from ..checkpoint import load_model, shard_files
     if reference_ckpt_dir:
         if not os.path.isdir(reference_ckpt_dir):
-            raise FileNotFoundError(f"--reference_ckpt_dir {reference_ckpt_dir}: no such directory")
+            raise MissingPathError(f"--reference_ckpt_dir {reference_ckpt_dir}: no such directory")
         if len(shard_files(reference_ckpt_dir)) != parallel.tp_size():
-            raise ValueError(f"--reference_ckpt_dir {reference_ckpt_dir} has {len(shard_files(reference_ckpt_dir))} "
+            raise UsageError(f"--reference_ckpt_dir {reference_ckpt_dir} has {len(shard_files(reference_ckpt_dir))} "
                              f"shards but --ckpt_dir has {parallel.tp_size()}; split it to the same TP size")
         reference = load_model(reference_ckpt_dir, model_type, parallel.device(), torch.float32, role="solver")
         if reference.args.vocab_size != model.args.vocab_size:
-            raise ValueError(f"--reference_ckpt_dir {reference_ckpt_dir}: vocabulary {reference.args.vocab_size} "
+            raise UsageError(f"--reference_ckpt_dir {reference_ckpt_dir}: vocabulary {reference.args.vocab_size} "
                              f"differs from the policy's {model.args.vocab_size}")
-        refs = reference_logps(reference, datasets, bs)
+        refs = pair_logps(reference, datasets, bs)
         del reference
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     else:
-        refs = reference_logps(model, datasets, bs)  # the initial policy, before any update
+        refs = pair_logps(model, datasets, bs)  # the initial policy, before any update
     return refs
 
 
-def setup_dpo(ckpt_dir: str, save_dir: str, train_file: str, model_type: Optional[str] = None,
-              reference_ckpt_dir: Optional[str] = None, label_file: Optional[str] = None, beta: float = 0.1,
-              loss: str = "sigmoid", label_smoothing: float = 0.0, max_batch_size: int = 6, lora_rank: int = -1,
-              lora_alpha: Optional[float] = None, epochs: int = 1, lr: float = 1e-6, max_seq_len: int = 512,
-              accumulation_steps: int = 1, seed: int = 0, save_steps: int = 0, resume: bool = False,
-              warmup_steps: int = 0, max_steps: int = -1, log_steps: int = 1, gradient_checkpointing: bool = False,
-              schedule: str = "cosine", weight_decay: float = 0.0, max_grad_norm: float = 1.0,
-              tokenizer_path: Optional[str] = None, eval_batch_size: Optional[int] = None,
-              peak_flops: Optional[float] = None, progress: bool = True) -> Trainer:
+@dataclass
+class DPOConfig(TrainConfig):
+    """`dpo_train.py`'s flags: the shared training flags and DPO's own."""
+    lr: float = 1e-6
+    reference_ckpt_dir: Optional[str] = flag(None, path="dir")  # default: the initial policy
+    label_file: Optional[str] = flag(None, path="file")  # held-out pairs evaluated after each epoch
+    beta: float = 0.1
+    loss: str = flag("sigmoid", choices=DPO_LOSSES)
+    label_smoothing: float = 0.0  # conservative DPO (sigmoid only)
+    eval_batch_size: Optional[int] = None  # default: --max_batch_size
+
+    def validate(self) -> None:
+        super().validate()
+        z = torch.zeros(1)
+        dpo_loss(z, z, z, z, self.beta, self.loss, self.label_smoothing)  # beta / label_smoothing / loss
+
+
+def setup_dpo(cfg: DPOConfig) -> Trainer:
     """Load data and the reference, cache reference log-probs, free it, build the policy Trainer."""
-    flags = dict(locals())
-    from .. import lora as lora_mod
-    log = get_logger()
-    if loss not in DPO_LOSSES:
-        raise ValueError(f"--loss must be one of {', '.join(DPO_LOSSES)}, got {loss!r}")
-    z = torch.zeros(1)
-    dpo_loss(z, z, z, z, beta, loss, label_smoothing)  # validates beta / label_smoothing / loss early
-    check_common(max_batch_size, max_seq_len, save_steps, lora_rank)
-    model, tokenizer, tok_src = load_for_training(ckpt_dir, model_type, tokenizer_path, seed, role="solver")
-    train = load_pair_dataset(train_file, tokenizer, max_seq_len)
-    held_out = load_pair_dataset(label_file, tokenizer, max_seq_len) if label_file else None
-    for ds, name in ((train, train_file), (held_out, label_file)):
+    cfg.validate()
+    model, tokenizer, tok_path = load_for_training(cfg, role="solver")
+    train = load_pair_dataset(cfg.train_file, tokenizer, cfg.max_seq_len)
+    held_out = load_pair_dataset(cfg.label_file, tokenizer, cfg.max_seq_len) if cfg.label_file else None
+    for ds, name in ((train, cfg.train_file), (held_out, cfg.label_file)):
         if ds is not None and ds.kind != "pairwise":
-            raise ValueError(f"{name}: DPO needs pairwise records (instruction, chosen, rejected)")
+            raise UsageError(f"{name}: DPO needs pairwise records (instruction, chosen, rejected)")
     datasets = [train] + ([held_out] if held_out is not None else [])
-    bs = eval_batch_size or max_batch_size
-    refs = _cached_reference_logps(model, reference_ckpt_dir, model_type, datasets, bs)
-    log.info(f"reference log-probs cached for {sum(len(d) for d in datasets)} pairs "
-             f"({'--reference_ckpt_dir ' + reference_ckpt_dir if reference_ckpt_dir else 'initial policy'})")
-    if lora_rank is not None and lora_rank > 0:
-        lora_mod.apply_lora(model, lora_rank, lora_alpha, seed=seed)
-        log.info(f"LoRA rank {lora_rank}: {parallel.param_count(model, trainable_only=True) / 1e6:.3f}M trainable params")
-    cfg = train_config(flags, tok_src, {"reference_ckpt_dir": reference_ckpt_dir, "beta": beta, "loss": loss,
-                                        "label_smoothing": label_smoothing, "max_seq_len": max_seq_len,
-                                        "lora_rank": lora_rank},
-                       plot_keys=("loss", "rewards/margin", "rewards/accuracy"))
-    trainer = Trainer(model, dpo_objective(beta, loss, label_smoothing), len(train), dpo_collate(train, refs[0]), cfg)
+    bs = cfg.eval_batch_size or cfg.max_batch_size
+    refs = _cached_reference_logps(model, cfg.reference_ckpt_dir, cfg.model_type, datasets, bs)
+    get_logger().info(f"reference log-probs cached for {sum(len(d) for d in datasets)} pairs ("
+                      f"{'--reference_ckpt_dir ' + cfg.reference_ckpt_dir if cfg.reference_ckpt_dir else 'initial policy'})")
+    if cfg.lora:
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
+        get_logger().info(f"LoRA rank {cfg.lora_rank}: "
+                          f"{parallel.param_count(model, trainable_only=True) / 1e6:.3f}M trainable params")
+    objective = dpo_objective(cfg.beta, cfg.loss, cfg.label_smoothing)
+    trainer = Trainer(model, objective, len(train), dpo_collate(train, refs[0]), cfg, tok_path,
+                      plot_keys=("loss", "rewards/margin", "rewards/accuracy"))
     trainer.dataset, trainer.held_out, trainer.reference_logps = train, held_out, refs
     if held_out is not None:
-        trainer.eval_fn = lambda tr: evaluate_dpo(tr.model, held_out, refs[1], beta, bs)
+        trainer.eval_fn = lambda tr: evaluate_dpo(tr.model, held_out, refs[1], cfg.beta, bs)
     return trainer
 
 
-def train_dpo(**kwargs) -> Optional[str]:
+def train_dpo(cfg: DPOConfig) -> Optional[str]:
     """`dpo_train.py`: DPO, checkpoint, log; returns the last checkpoint dir (a solver)."""
-    return setup_dpo(**kwargs).fit()
+    return setup_dpo(cfg).fit()
 
 
-__all__ = ["DPO_LOSSES", "dpo_collate", "dpo_objective", "evaluate_dpo", "pair_logps", "reference_logps",
+__all__ = ["DPO_LOSSES", "dpo_collate", "dpo_objective", "evaluate_dpo", "pair_logps",
            "sequence_logps",
-           "setup_dpo", "train_dpo"]
+           "setup_dpo", "train_dpo", "DPOConfig"]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -30,9 +31,15 @@ import torch.nn as nn
 
 from .. import parallel
 from ..data.pairs import PairDataset, load_pair_dataset, packed_mask
+from ..config import flag
+from ..errors import UsageError
 from ..log import get_logger
+from ..lora import apply_lora
 from ..losses import logexpwithlm_loss, pairwise_loss, pointwise_loss
-from .base import Trainer, autocast, load_for_training, train_config
+from ..models import attach_reward_head
+from ..scoring import linear_cross_entropy
+from .base import Trainer, autocast, load_for_training
+from .config import TrainConfig
 
 LOSSES = ("pairwise", "logexpwithlm", "pointwise")
 REDUCES = ("last", "mean")
@@ -61,7 +68,7 @@ def scores_from_hidden(model: nn.Module, h: torch.Tensor, batch: dict, reduce: s
     if reduce == "mean":
         mask = batch["resp_mask"].to(dev)
         return (values * mask).sum(1) / mask.sum(1)
-    raise ValueError(f"--reduce must be 'last' or 'mean', got {reduce!r}")
+    raise UsageError(f"--reduce must be 'last' or 'mean', got {reduce!r}")
 
 
 def batch_scores(model: nn.Module, batch: dict, reduce: str = "last") -> torch.Tensor:
@@ -71,7 +78,6 @@ def batch_scores(model: nn.Module, batch: dict, reduce: str = "last") -> torch.T
 def chosen_lm_nll(model: nn.Module, h: torch.Tensor, batch: dict) -> torch.Tensor:
     """Mean next-token NLL of each chosen answer's tokens (+ EOS), one value per pair [P], via
     the SFT trainer's chunked output-projection cross-entropy (no [B, T, V] logits)."""
-    from .sft import linear_cross_entropy
     dev = h.device
     tokens = batch["tokens"].to(dev)
     out = []
@@ -85,9 +91,9 @@ def chosen_lm_nll(model: nn.Module, h: torch.Tensor, batch: dict) -> torch.Tenso
 def verifier_objective(loss: str = "pairwise", lm_coef: float = 0.0, reduce: str = "last"):
     """`objective(model, batch) -> (loss summed over units, units, stats)` for the Trainer."""
     if loss not in LOSSES:
-        raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+        raise UsageError(f"--loss must be one of {', '.join(LOSSES)}, got {loss!r}")
     if reduce not in REDUCES:
-        raise ValueError(f"--reduce must be 'last' or 'mean', got {reduce!r}")
+        raise UsageError(f"--reduce must be 'last' or 'mean', got {reduce!r}")
 
     def objective(model: nn.Module, batch: dict):
         dev = parallel.device()
@@ -191,68 +197,56 @@ class VerifierTrainer(Trainer):
                     p.copy_(st["extra_trainable"][n])
 
 
-def check_common(max_batch_size: int, max_seq_len: int, save_steps: int, lora_rank: Optional[int]) -> None:
-    if max_batch_size < 1:
-        raise ValueError(f"--max_batch_size must be >= 1, got {max_batch_size}")
-    if max_seq_len < 2:
-        raise ValueError(f"--max_seq_len must be >= 2, got {max_seq_len}")
-    if save_steps < 0:
-        raise ValueError(f"--save_steps must be >= 0, got {save_steps}")
-    if lora_rank is not None and lora_rank == 0:
-        raise ValueError("--lora_rank must be > 0 (LoRA) or -1 (full fine-tuning), got 0")
+@dataclass
+class VerifierConfig(TrainConfig):
+    """`verifier_train.py`'s flags: the shared training flags and the verifier's own."""
+    loss: str = flag("pairwise", choices=LOSSES)
+    lm_coef: float = 0.0  # --loss logexpwithlm: weight of the chosen answers' LM loss
+    reduce: str = flag("last", choices=REDUCES)  # score = head at the last token, or its mean
+    packing: bool = False
+    label_file: Optional[str] = flag(None, path="file")  # held-out pairs scored after each epoch
+    eval_batch_size: Optional[int] = None  # default: --max_batch_size
+
+    def validate(self) -> None:
+        super().validate()
+        if self.lm_coef < 0 or (self.loss != "logexpwithlm" and self.lm_coef):
+            raise UsageError(f"--lm_coef {self.lm_coef}: must be >= 0 and applies to --loss logexpwithlm only")
 
 
-def setup_verifier(ckpt_dir: str, save_dir: str, train_file: str, model_type: Optional[str] = None,
-                   max_batch_size: int = 6, loss: str = "pairwise", lm_coef: float = 0.0, reduce: str = "last",
-                   packing: bool = False, label_file: Optional[str] = None, lora_rank: int = -1,
-                   lora_alpha: Optional[float] = None, epochs: int = 1, lr: float = 1e-5, max_seq_len: int = 512,
-                   accumulation_steps: int = 1, seed: int = 0, save_steps: int = 0, resume: bool = False,
-                   warmup_steps: int = 0, max_steps: int = -1, log_steps: int = 1,
-                   gradient_checkpointing: bool = False, schedule: str = "cosine", weight_decay: float = 0.0,
-                   max_grad_norm: float = 1.0, tokenizer_path: Optional[str] = None,
-                   eval_batch_size: Optional[int] = None, peak_flops: Optional[float] = None,
-                   progress: bool = True) -> VerifierTrainer:
+def setup_verifier(cfg: VerifierConfig) -> VerifierTrainer:
     """Load solver + data, attach the head (+ LoRA), build the Trainer (with held-out eval)."""
-    flags = dict(locals())
-    from .. import lora as lora_mod
-    from ..models import attach_reward_head
-    log = get_logger()
-    objective = verifier_objective(loss, lm_coef, reduce)  # validates --loss / --reduce
-    check_common(max_batch_size, max_seq_len, save_steps, lora_rank)
-    if lm_coef < 0 or (loss != "logexpwithlm" and lm_coef):
-        raise ValueError(f"--lm_coef {lm_coef}: must be >= 0 and applies to --loss logexpwithlm only")
-    model, tokenizer, tok_src = load_for_training(ckpt_dir, model_type, tokenizer_path, seed, role="solver")
-    train = load_pair_dataset(train_file, tokenizer, max_seq_len)
-    held_out = load_pair_dataset(label_file, tokenizer, max_seq_len) if label_file else None
-    if train.kind == "pointwise" and loss != "pointwise":
-        raise ValueError(f"{train_file} holds pointwise records (output, label); they need --loss pointwise")
-    attach_reward_head(model, seed)
-    if lora_rank is not None and lora_rank > 0:
-        lora_mod.apply_lora(model, lora_rank, lora_alpha, seed=seed)
+    cfg.validate()
+    objective = verifier_objective(cfg.loss, cfg.lm_coef, cfg.reduce)
+    model, tokenizer, tok_path = load_for_training(cfg, role="solver")
+    train = load_pair_dataset(cfg.train_file, tokenizer, cfg.max_seq_len)
+    held_out = load_pair_dataset(cfg.label_file, tokenizer, cfg.max_seq_len) if cfg.label_file else None
+    if train.kind == "pointwise" and cfg.loss != "pointwise":
+        raise UsageError(f"{cfg.train_file} holds pointwise records (output, label); they need --loss pointwise")
+    attach_reward_head(model, cfg.seed)
+    if cfg.lora:
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
         model.reward_head.requires_grad_(True)  # the new head always trains fully
-        log.info(f"LoRA rank {lora_rank} + reward head: "
-                 f"{parallel.param_count(model, trainable_only=True) / 1e6:.3f}M trainable params")
-    cfg = train_config(flags, tok_src, {"loss": loss, "lm_coef": lm_coef, "reduce": reduce, "packing": packing,
-                                        "max_seq_len": max_seq_len, "lora_rank": lora_rank},
-                       plot_keys=("loss", "accuracy", "margin"))
-    use_packing = packing and train.kind == "pairwise"
+        get_logger().info(f"LoRA rank {cfg.lora_rank} + reward head: "
+                          f"{parallel.param_count(model, trainable_only=True) / 1e6:.3f}M trainable params")
+    use_packing = cfg.packing and train.kind == "pairwise"
 
     def collate(indices: list[int], epoch: int, _ds=train) -> dict:
         return _ds.collate(indices, epoch, use_packing)
 
-    trainer = VerifierTrainer(model, objective, len(train), collate, cfg)
+    trainer = VerifierTrainer(model, objective, len(train), collate, cfg, tok_path,
+                              plot_keys=("loss", "accuracy", "margin"))
     trainer.dataset, trainer.held_out, trainer.tokenizer = train, held_out, tokenizer
     if held_out is not None:
-        bs = eval_batch_size or max_batch_size
-        trainer.eval_fn = lambda tr: evaluate_verifier(tr.model, held_out, bs, reduce, use_packing)
+        bs = cfg.eval_batch_size or cfg.max_batch_size
+        trainer.eval_fn = lambda tr: evaluate_verifier(tr.model, held_out, bs, cfg.reduce, use_packing)
     return trainer
 
 
-def train_verifier(**kwargs) -> Optional[str]:
+def train_verifier(cfg: VerifierConfig) -> Optional[str]:
     """`verifier_train.py`: train a verifier, checkpoint, log; returns the last checkpoint dir."""
-    return setup_verifier(**kwargs).fit()
+    return setup_verifier(cfg).fit()
 
 
 __all__ = ["LOSSES", "REDUCES", "VerifierTrainer", "batch_scores", "chosen_lm_nll", "evaluate_verifier",
            "forward_hidden", "pair_metrics", "score_dataset", "scores_from_hidden",
-           "setup_verifier", "train_verifier", "verifier_objective"]
+           "setup_verifier", "train_verifier", "verifier_objective", "VerifierConfig"]
