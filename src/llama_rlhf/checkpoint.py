@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from . import parallel
+from .errors import UsageError
 from . import gguf  # .gguf sources; gguf.py reads this module's CheckpointError at raise time
 from .log import get_logger
 from .models import ModelArgs, build_model, read_args, write_params
@@ -66,8 +67,8 @@ HF_KEYS: list[tuple[str, str, Optional[str]]] = [
 ]
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read, or that disagrees with its config."""
+class CheckpointError(UsageError):
+    """A checkpoint that cannot be read, or that disagrees with its config (bad input: one line)."""
 
 
 def shard_dim(key: str) -> Optional[int]:
