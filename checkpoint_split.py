@@ -6,20 +6,12 @@
 One process does the work: run it with `python`, not torchrun (`--n` is the old name of
 `--num_shards`; torchrun >= 2.13 refuses `--n` as an ambiguous option of its own).
 """
-from typing import Optional
-
 import fire
 
-from llama_rlhf.cli import run_cli
-from llama_rlhf.checkpoint import split_command
+from llama_rlhf.checkpoint import SplitConfig, split
+from llama_rlhf.cli import command
 
-
-def main(ckpt_file: str, save_path: str, num_shards: Optional[int] = None, n: Optional[int] = None,
-         model_type: Optional[str] = None, to: str = "meta", tokenizer_file: Optional[str] = None,
-         overwrite: bool = False) -> None:
-    run_cli(split_command, ckpt_file=ckpt_file, save_path=save_path, num_shards=num_shards, n=n,
-            model_type=model_type, to=to, tokenizer_file=tokenizer_file, overwrite=overwrite)
-
+main = command(SplitConfig, split, __doc__)
 
 if __name__ == "__main__":
     fire.Fire(main)

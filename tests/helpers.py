@@ -68,6 +68,6 @@ def ppo_checkpoints(root: Path, n_prompts: int) -> Path:
         args = preset_args("llama-tiny", vocab_size=vocab, reward_head=head)
         model = build_model(args, init_seed=seed)
         for n in (1, 2):
-            save_meta(model.state_dict(), args, str(root / f"{name}-tp{n}"), n=n, tokenizer_src=sp)
+            save_meta(model.state_dict(), args, str(root / f"{name}-tp{n}"), n=n, tokenizer_path=sp)
     write_json_atomic(make_problems(n_prompts, seed=3), str(root / "prompts.json"))
     return root

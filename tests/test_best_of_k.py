@@ -69,7 +69,7 @@ def run_pipeline(root: Path, seed: int = 0, n_train: int = 192, n_test: int = 64
     texts = [r["instruction"] for r in train + test] + [o for r in train for o in r["output"]]
     sp = train_sentencepiece(texts, str(root / "sp"), 360)
     args = preset_args("llama-tiny", vocab_size=load_tokenizer(sp).vocab_size, max_seq_len=64)
-    save_meta(build_model(args, init_seed=seed).state_dict(), args, str(root / "init"), n=1, tokenizer_src=sp)
+    save_meta(build_model(args, init_seed=seed).state_dict(), args, str(root / "init"), n=1, tokenizer_path=sp)
 
     solver = setup_sft(SFTConfig(ckpt_dir=str(root / "init"), save_dir=str(root / "solver"), train_file=str(root / "train.json"),
                        max_batch_size=16, lr=3e-3, warmup_steps=10, max_steps=300, max_seq_len=64, seed=seed,
@@ -93,7 +93,7 @@ def untrained_verifier(solver: str, dst: Path, tokenizer: str, seed: int) -> str
     """The solver with a fresh reward head, as `setup_verifier` starts from, saved untrained."""
     model = load_model(solver, role="solver")
     attach_reward_head(model, seed)
-    save_meta(model.state_dict(), model.args, str(dst), n=1, tokenizer_src=tokenizer)
+    save_meta(model.state_dict(), model.args, str(dst), n=1, tokenizer_path=tokenizer)
     return str(dst)
 
 

@@ -22,7 +22,7 @@ def setup(tmp_path_factory):
     hf, _ = tiny_hf_model("llama-tiny")  # random norms too: peaked logits, so greedy ties are unlikely
     hf.save_pretrained(root / "hf")
     sd, args = load_source(str(root / "hf"))
-    save_meta(sd, args, str(root / "ckpt"), n=1, tokenizer_src=sp)
+    save_meta(sd, args, str(root / "ckpt"), n=1, tokenizer_path=sp)
     records = [{"instruction": r["instruction"], "label": r["label"]} for r in make_problems(6, seed=4)]
     # Vary prompt lengths so batches are padded and reordered.
     records[1]["instruction"] = "Short one?"

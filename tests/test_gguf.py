@@ -12,7 +12,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from llama_rlhf.checkpoint import CheckpointError, load_model, load_source, save_meta
-from llama_rlhf.gguf import parameter_count
+from llama_rlhf.models import parameter_count
 from llama_rlhf.tokenizers import HFTokenizer, load_tokenizer
 from tests.helpers import ROOT, run_script, torchrun
 
@@ -188,7 +188,7 @@ def smollm2(tmp_path_factory):
     dst = tmp_path_factory.mktemp("smollm2") / "tp1"
     sd, args = load_source(str(path))
     count = parameter_count(sd)
-    save_meta(sd, args, str(dst), n=1, tokenizer_src=str(path))
+    save_meta(sd, args, str(dst), n=1, tokenizer_path=str(path))
     del sd
     tok = load_tokenizer(dst)
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}])

@@ -91,7 +91,7 @@ def test_lora_resume_onto_another_base_is_refused(tiny, tmp_path):  # noqa: F811
     from llama_rlhf.trainers import TrainingError
     base = load_model(str(tiny / "tp1"))
     other = build_model(base.args, init_seed=7)  # same shapes, other weights
-    save_meta(other.state_dict(), base.args, str(tmp_path / "other"), 1, tokenizer_src=str(tiny / "tp1"))
+    save_meta(other.state_dict(), base.args, str(tmp_path / "other"), 1, tokenizer_path=str(tiny / "tp1"))
     kw = dict(lora_rank=4, lr=1e-2, max_steps=2, max_batch_size=4)
     sft(tiny, tmp_path / "run", **kw).fit()
     with pytest.raises(TrainingError, match=r"trained on the base .*tp1.*not on --ckpt_dir .*other"):

@@ -29,7 +29,7 @@ def tiny(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("multinode")
     sp = tiny_sentencepiece(root)
     args = preset_args("llama-tiny", vocab_size=load_tokenizer(sp).vocab_size)
-    save_meta(build_model(args, init_seed=0).state_dict(), args, str(root / "tp2"), 2, tokenizer_src=sp)
+    save_meta(build_model(args, init_seed=0).state_dict(), args, str(root / "tp2"), 2, tokenizer_path=sp)
     with open(root / "train.jsonl", "w") as f:
         for p in make_problems(24, 0):
             f.write(json.dumps(p) + "\n")

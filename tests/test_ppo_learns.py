@@ -48,7 +48,7 @@ def sft_actor(tmp_path_factory):
     sp = train_sentencepiece([r["instruction"] + "\n" + r["output"][0] for r in train], str(root / "sp"), 420)
     args = ModelArgs(family="llama", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=176,
                      vocab_size=load_tokenizer(sp).vocab_size, max_seq_len=64)
-    save_meta(build_model(args, init_seed=0).state_dict(), args, str(root / "init"), n=1, tokenizer_src=sp)
+    save_meta(build_model(args, init_seed=0).state_dict(), args, str(root / "init"), n=1, tokenizer_path=sp)
     sft = setup_sft(SFTConfig(ckpt_dir=str(root / "init"), save_dir=str(root / "sft"), train_file=str(root / "train.json"),
                     max_batch_size=32, lr=3e-3, warmup_steps=10, max_steps=250, epochs=10, max_seq_len=64,
                     seed=0, progress=False, log_steps=50))

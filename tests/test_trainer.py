@@ -32,8 +32,8 @@ def tiny(tmp_path_factory):
     tok = load_tokenizer(sp)
     args = preset_args("llama-tiny", vocab_size=tok.vocab_size)
     sd = build_model(args, init_seed=0).state_dict()
-    save_meta(sd, args, str(root / "tp1"), 1, tokenizer_src=sp)
-    save_meta(sd, args, str(root / "tp2"), 2, tokenizer_src=sp)
+    save_meta(sd, args, str(root / "tp1"), 1, tokenizer_path=sp)
+    save_meta(sd, args, str(root / "tp2"), 2, tokenizer_path=sp)
     with open(root / "train.jsonl", "w") as f:
         for p in make_problems(48, 0):
             f.write(json.dumps(p) + "\n")

@@ -50,10 +50,10 @@ def build_env(root: Path) -> Path:
     args = preset_args("llama-tiny", vocab_size=tok.vocab_size)
     model = build_model(args, init_seed=0)
     for n in (1, 2):
-        save_meta(model.state_dict(), args, str(root / f"solver-tp{n}"), n=n, tokenizer_src=sp)
+        save_meta(model.state_dict(), args, str(root / f"solver-tp{n}"), n=n, tokenizer_path=sp)
     attach_reward_head(model, seed=7)
     for n in (1, 2):
-        save_meta(model.state_dict(), model.args, str(root / f"verifier-tp{n}"), n=n, tokenizer_src=sp)
+        save_meta(model.state_dict(), model.args, str(root / f"verifier-tp{n}"), n=n, tokenizer_path=sp)
     train, test = make_splits(96, 48, seed=1, steps=1)
     write_json_atomic(synthetic_pairs(train, 0), root / "train.json")
     write_json_atomic(synthetic_pairs(test, 1), root / "test.json")

@@ -145,12 +145,12 @@ class Pipeline:
                          hidden_dim=(c.dim * 8 // 3 + 7) // 8 * 8, vocab_size=load_tokenizer(sp).vocab_size,
                          max_seq_len=2 * c.max_seq_len)
         model = build_model(args, init_seed=c.seed)
-        save_meta(model.state_dict(), args, self.path("init"), n=1, tokenizer_src=sp)
+        save_meta(model.state_dict(), args, self.path("init"), n=1, tokenizer_path=sp)
 
     def split(self) -> None:
         """checkpoint_split.py: the initial (or --model_dir) checkpoint into --nproc TP shards."""
         self.python("split", "checkpoint_split.py", ckpt_file=self.cfg.model_dir or self.path("init"),
-                    save_path=self.path("init-split"), n=self.cfg.nproc)
+                    save_path=self.path("init-split"), num_shards=self.cfg.nproc)
 
     def sft(self) -> str:
         c = self.cfg

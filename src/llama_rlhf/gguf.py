@@ -19,12 +19,13 @@ import torch
 from gguf import GGUFReader, GGUFValueType, ReaderTensor
 from gguf.quants import dequantize
 
+from .errors import UsageError
 from .log import get_logger
-from .models import ModelArgs
+from .models import ModelArgs, parameter_count
 from .models.args import ConfigError
 
 
-class GGUFError(ValueError):
+class GGUFError(UsageError):
     """A GGUF that cannot be imported; one line naming the file. `checkpoint.load_source`
     re-raises it as its CheckpointError (this module sits below checkpoint in the layers)."""
 
@@ -148,14 +149,6 @@ def read_gguf(path: str) -> tuple[dict[str, torch.Tensor], ModelArgs]:
                               f"({', '.join(f'{n} {k}' for k, n in types.most_common())}), "
                               f"{parameter_count(sd) / 1e6:.1f}M params, dequantized to float32")
     return sd, args
-
-
-def parameter_count(sd: dict[str, torch.Tensor]) -> int:
-    """Parameters of a state dict, a tensor shared by two keys (tied embeddings) counted once."""
-    seen: dict[tuple[int, int], int] = {}
-    for t in sd.values():
-        seen[(t.untyped_storage().data_ptr(), t.storage_offset())] = t.numel()
-    return sum(seen.values())
 
 
 def _eos_ids(meta: dict[str, Any]) -> list[int]:

@@ -106,11 +106,11 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def load_lora_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
     params = lora_parameters(model)
     if set(params) != set(sd):
-        raise ValueError(f"LoRA adapters disagree: missing {sorted(set(params) - set(sd))[:3]}, "
+        raise UsageError(f"LoRA adapters disagree: missing {sorted(set(params) - set(sd))[:3]}, "
                          f"unexpected {sorted(set(sd) - set(params))[:3]} (same --lora_rank as the run?)")
     for n, p in params.items():
         if p.shape != sd[n].shape:
-            raise ValueError(f"LoRA adapter {n} has shape {tuple(sd[n].shape)}, expected {tuple(p.shape)}")
+            raise UsageError(f"LoRA adapter {n} has shape {tuple(sd[n].shape)}, expected {tuple(p.shape)}")
         p.copy_(sd[n])
 
 

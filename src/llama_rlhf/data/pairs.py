@@ -43,6 +43,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from ..errors import UsageError
 from ..config import flag
 from ..log import get_logger
 from ..models import causal_mask
@@ -294,7 +295,7 @@ def make_pairs(results_json: str, dst: str, max_pairs_per_question: int = 4) -> 
     per pair. Questions whose samples are all correct or all wrong give no pair (counted).
     Returns the counts (also logged)."""
     if max_pairs_per_question < 1:
-        raise ValueError(f"--max_pairs_per_question must be >= 1, got {max_pairs_per_question}")
+        raise UsageError(f"--max_pairs_per_question must be >= 1, got {max_pairs_per_question}")
     try:
         with open(results_json, encoding="utf-8") as f:
             results = json.load(f)

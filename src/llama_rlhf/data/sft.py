@@ -21,6 +21,7 @@ from typing import Sequence
 
 import torch
 
+from ..errors import UsageError
 from ..log import get_logger
 
 from ..records import DataError, load_records
@@ -53,7 +54,7 @@ class SFTDataset:
     def __init__(self, records: Sequence[dict], tokenizer, max_seq_len: int, seed: int = 0,
                  source: str = "train file"):
         if max_seq_len < 2:
-            raise ValueError(f"--max_seq_len must be >= 2, got {max_seq_len}")
+            raise UsageError(f"--max_seq_len must be >= 2, got {max_seq_len}")
         if not records:
             raise DataError(f"{source}: no records")
         self.max_seq_len, self.seed = int(max_seq_len), int(seed)

@@ -9,6 +9,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import UsageError
 from ..records import write_json_atomic
 
 _PEOPLE = [("Tom", "he", "his"), ("Ann", "she", "her"), ("Sam", "he", "his"), ("Mia", "she", "her")]
@@ -127,7 +128,7 @@ def make_splits(n_train: int, n_test: int, seed: int, steps: int = 2,
     """Train and test sets drawn from one stream of distinct problems, so no question is in both.
     `slip` > 0 puts the careless teacher's slips into the train solutions only (labels stay true)."""
     if not 0.0 <= slip <= 1.0:
-        raise ValueError(f"make_splits: slip must be in [0, 1], got {slip}")
+        raise UsageError(f"make_splits: slip must be in [0, 1], got {slip}")
     problems, rng = _distinct(n_train + n_test, seed, steps), random.Random(seed + 1)
     return [p.record(slip, rng) for p in problems[:n_train]], [p.record() for p in problems[n_train:]]
 

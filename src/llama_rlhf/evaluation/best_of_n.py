@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..errors import UsageError
 from .. import parallel
 from ..checkpoint import load_model
 from ..data.encoding import encode_prompt, encode_response, fit_length
@@ -37,7 +38,7 @@ def score_samples(verifier, tokenizer, instructions: Sequence[str], samples: Seq
     if len(instructions) != len(samples):
         raise ValueError(f"score_samples: {len(instructions)} instructions but {len(samples)} sample lists")
     if max_batch_size < 1:
-        raise ValueError(f"--max_batch_size must be >= 1, got {max_batch_size}")
+        raise UsageError(f"--max_batch_size must be >= 1, got {max_batch_size}")
     if not getattr(verifier.args, "reward_head", 0):
         raise ValueError("score_samples: the model has no reward head (a solver was given, a verifier is needed)")
     rows = []  # (i, k, prompt, response)
@@ -116,12 +117,12 @@ def best_of_n_report(items: Sequence[dict], scores: Sequence[Sequence[float]]) -
 
 def rerank_with_verifier(verifier_ckpt_dir: str, items: Sequence[dict], max_batch_size: int = 64,
                          reduce: str = "last", model_type: Optional[str] = None,
-                         tokenizer_file: Optional[str] = None) -> dict:
+                         tokenizer_path: Optional[str] = None) -> dict:
     """Load the verifier of `verifier_ckpt_dir` (a solver dir is refused), score every item's
     samples (DP replicas take strided items), free the verifier and return `best_of_n_report`
     (identical on every rank). `items` must be the same on every rank."""
     items = results_items(list(items), "items")
-    tokenizer = load_tokenizer(tokenizer_file or verifier_ckpt_dir)
+    tokenizer = load_tokenizer(tokenizer_path or verifier_ckpt_dir)
     verifier = load_model(verifier_ckpt_dir, model_type, role="verifier").eval()
     mine = list(range(parallel.dp_rank(), len(items), parallel.dp_size()))
     local = score_samples(verifier, tokenizer, [items[i]["instruction"] for i in mine],

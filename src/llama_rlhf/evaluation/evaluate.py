@@ -161,12 +161,13 @@ def load_labelled(label_file: str, limit: Optional[int] = None) -> list[dict]:
     return records[:limit] if limit else records
 
 
-def _items(model, tokenizer, records: list[dict], t: float, p: float, num_samples: int, max_new_tokens: int,
-           top_k: int, max_batch_size: int, seed: int, max_seq_len: Optional[int]) -> tuple[list[dict], int]:
+def _items(model, tokenizer, records: list[dict], temperature: float, top_p: float, num_samples: int,
+           max_new_tokens: int, top_k: int, max_batch_size: int, seed: int,
+           max_seq_len: Optional[int]) -> tuple[list[dict], int]:
     """Generate for every record (DP ranks take strided records) and score; identical on all ranks."""
     mine = list(range(parallel.dp_rank(), len(records), parallel.dp_size()))
-    texts, truncated = _generate(model, tokenizer, [records[i]["instruction"] for i in mine], max_new_tokens, t, p,
-                                 top_k, num_samples, max_batch_size, seed, max_seq_len, progress=True)
+    texts, truncated = _generate(model, tokenizer, [records[i]["instruction"] for i in mine], max_new_tokens,
+                                 temperature, top_p, top_k, num_samples, max_batch_size, seed, max_seq_len, progress=True)
     local = [(i, score_item(records[i]["instruction"], outs, str(records[i]["label"]))) for i, outs in zip(mine, texts)]
     gathered = parallel.all_gather_objects((local, truncated))
     items: list = [None] * len(records)
@@ -205,11 +206,11 @@ def _run(cfg: EvalConfig, tokenizer, records: list[dict]) -> dict:
              f"{num_samples} sample(s))")
     gen = dict(max_new_tokens=cfg.max_new_tokens, top_k=cfg.top_k, max_batch_size=cfg.max_batch_size, seed=cfg.seed,
                max_seq_len=cfg.max_seq_len)
-    items, truncated = _items(model, tokenizer, records, t=t, p=p, num_samples=num_samples, **gen)
+    items, truncated = _items(model, tokenizer, records, temperature=t, top_p=p, num_samples=num_samples, **gen)
     results = summarize(items, num_samples, truncated)
     if cfg.verifier_ckpt_dir:
         if num_samples > 1:  # greedy beside the samples, so the report compares them side by side
-            greedy, _ = _items(model, tokenizer, records, t=0.0, p=1.0, num_samples=1, **gen)
+            greedy, _ = _items(model, tokenizer, records, temperature=0.0, top_p=1.0, num_samples=1, **gen)
             for item, g in zip(items, greedy):
                 item["greedy"], item["greedy_correct"] = g["output"], g["correct"]
         del model

@@ -27,6 +27,14 @@ def build_model(args: ModelArgs, device: torch.device | str = "cpu", dtype: torc
     return model
 
 
+def parameter_count(sd: dict[str, torch.Tensor]) -> int:
+    """Parameters of a state dict, a tensor shared by two keys (tied embeddings) counted once."""
+    seen: dict[tuple[int, int], int] = {}
+    for t in sd.values():
+        seen[(t.untyped_storage().data_ptr(), t.storage_offset())] = t.numel()
+    return sum(seen.values())
+
+
 @torch.no_grad()
 def init_weights(model: Transformer, seed: int, std: float = 0.02) -> None:
     """GPT-2 style init: N(0, std) for matrices, ones for norms, zero biases; output
@@ -44,4 +52,4 @@ def init_weights(model: Transformer, seed: int, std: float = 0.02) -> None:
 
 
 __all__ = ["PRESETS", "ConfigError", "ModelArgs", "Transformer", "KVCache", "causal_mask", "build_model",
-           "init_weights", "family_of", "preset_args", "read_args", "write_params", "attach_reward_head"]
+           "init_weights", "parameter_count", "family_of", "preset_args", "read_args", "write_params", "attach_reward_head"]

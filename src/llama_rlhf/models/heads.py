@@ -6,6 +6,7 @@ import math
 import torch
 import torch.nn as nn
 
+from ..errors import UsageError
 from .transformer import Transformer
 
 
@@ -19,7 +20,7 @@ def attach_reward_head(model: Transformer, seed: int) -> Transformer:
     hidden state entering the head is RMS-normalised, so initial scores are O(1).
     """
     if getattr(model.args, "reward_head", 0) or hasattr(model, "reward_head"):
-        raise ValueError("the model already has a reward head (it is a verifier, not a solver)")
+        raise UsageError("the model already has a reward head (it is a verifier, not a solver)")
     ref = model.norm.weight
     dim = model.args.dim
     g = torch.Generator().manual_seed(int(seed))

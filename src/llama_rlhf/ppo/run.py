@@ -132,7 +132,7 @@ def _heldout(cfg: PPOConfig, trainer: PPOTrainer, tokenizer) -> float:
         return heldout_accuracy(cfg, actor, tokenizer, (actors.index(me), len(actors)))
 
 
-def _save(cfg: PPOConfig, trainer: PPOTrainer, tokenizer_dir: str, epoch: int, position: int) -> None:
+def _save(cfg: PPOConfig, trainer: PPOTrainer, tokenizer_path: str, epoch: int, position: int) -> None:
     """round-N of the actor (with every rank's state) and the critic, through the one writer.
     Placed models are written by the first replica that holds them."""
     name, m, P = f"round-{trainer.round}", trainer.m, trainer.placement
@@ -143,11 +143,11 @@ def _save(cfg: PPOConfig, trainer: PPOTrainer, tokenizer_dir: str, epoch: int, p
     flat = P is None or P.is_flat
     if not flat:  # every shard's minibatch order, so any replica can resume any shard
         state["shards"] = [{"batch_order": g.get_state()} for g in trainer.batch_orders]
-    save_model(m.actor, os.path.join(cfg.actor_save_dir, name), tokenizer_dir, state=state,
+    save_model(m.actor, os.path.join(cfg.actor_save_dir, name), tokenizer_path, state=state,
                model_state=merged_state_dict(m.actor) if m.actor is not None else None,
                writer_replica=None if flat else P.actor[0])
     if cfg.estimator == "gae" and cfg.critic_save_dir:
-        save_model(m.critic, os.path.join(cfg.critic_save_dir, name), tokenizer_dir,
+        save_model(m.critic, os.path.join(cfg.critic_save_dir, name), tokenizer_path,
                    writer_replica=None if flat else P.critic[0])
 
 

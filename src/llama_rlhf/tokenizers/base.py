@@ -5,6 +5,8 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Iterable
 
+from ..errors import UsageError
+
 
 class Tokenizer(ABC):
     """Text <-> ids with the special ids a causal LM trainer needs.
@@ -38,12 +40,12 @@ class Tokenizer(ABC):
         """What `save_tokenizer` copies: destination file name -> source path."""
 
     @property
-    def _real_pad_id(self) -> int | None:
+    def real_pad_id(self) -> int | None:
         return None
 
     @property
     def pad_id(self) -> int:
-        pad = self._real_pad_id
+        pad = self.real_pad_id
         if pad is not None:
             return pad
         return self.eos_id if self.eos_id >= 0 else 0
@@ -66,4 +68,4 @@ class Tokenizer(ABC):
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The conversation rendered as the model was trained to see it."""
-        raise ValueError(f"{type(self).__name__}: this tokenizer has no chat template")
+        raise UsageError(f"{type(self).__name__}: this tokenizer has no chat template")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import UsageError
 from .base import Tokenizer
 
 # Everything a tokenizer directory may hold that AutoTokenizer reads back; transformers >= 5
@@ -21,9 +22,9 @@ class HFTokenizer(Tokenizer):
             self.tok = AutoTokenizer.from_pretrained(str(self.path))
         except (OSError, ValueError, KeyError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"{self.path}: cannot load HF tokenizer ({first})") from None
+            raise UsageError(f"{self.path}: cannot load HF tokenizer ({first})") from None
         if self.tok.eos_token_id is None:
-            raise ValueError(f"{self.path}: tokenizer defines no eos token")
+            raise UsageError(f"{self.path}: tokenizer defines no eos token")
         # A bos token the tokenizer never prepends (SmolLM2's <|im_start|>, a GGUF with add_bos_token
         # false) is no BOS here: Tokenizer.encode would put it in front of every prompt.
         bos = self.tok.bos_token_id
@@ -46,7 +47,7 @@ class HFTokenizer(Tokenizer):
         return self.tok.eos_token_id
 
     @property
-    def _real_pad_id(self) -> int | None:
+    def real_pad_id(self) -> int | None:
         return self.tok.pad_token_id
 
     @property
@@ -59,5 +60,5 @@ class HFTokenizer(Tokenizer):
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not self.tok.chat_template:
-            raise ValueError(f"{self.path}: tokenizer has no chat_template")
+            raise UsageError(f"{self.path}: tokenizer has no chat_template")
         return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from ..errors import MissingPathError, UsageError
 from ..gguf import write_gguf_tokenizer
 from ..log import get_logger
 from .base import Tokenizer
@@ -26,7 +27,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     tokenizer.json (preferred) or tokenizer.model."""
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"tokenizer not found: {p}")
+        raise MissingPathError(f"tokenizer not found: {p}")
     if p.is_file():
         if p.name == "tokenizer.json":
             return HFTokenizer(p.parent)
@@ -34,13 +35,13 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
             return SentencePieceTokenizer(p)
         if p.suffix == ".gguf":
             return _gguf_tokenizer(p)
-        raise ValueError(f"{p}: not a tokenizer file (expected a SentencePiece .model, tokenizer.json or .gguf)")
+        raise UsageError(f"{p}: not a tokenizer file (expected a SentencePiece .model, tokenizer.json or .gguf)")
     # HF directories of Llama-2/Mistral hold both files; tokenizer.json also brings the chat template.
     if (p / "tokenizer.json").is_file():
         return HFTokenizer(p)
     if (p / "tokenizer.model").is_file():
         return SentencePieceTokenizer(p / "tokenizer.model")
-    raise FileNotFoundError(f"{p}: directory holds neither tokenizer.json nor tokenizer.model")
+    raise MissingPathError(f"{p}: directory holds neither tokenizer.json nor tokenizer.model")
 
 
 def _gguf_tokenizer(path: Path) -> HFTokenizer:
@@ -69,7 +70,7 @@ def save_tokenizer(tok: Tokenizer, dst_dir: str | os.PathLike) -> list[Path]:
     dst = Path(dst_dir)
     if isinstance(tok, SentencePieceTokenizer) and (dst / "tokenizer.json").is_file():
         # load_tokenizer prefers tokenizer.json, so the copied model would be silently ignored.
-        raise ValueError(f"{dst}: already holds a tokenizer.json; refusing to add a different tokenizer.model")
+        raise UsageError(f"{dst}: already holds a tokenizer.json; refusing to add a different tokenizer.model")
     dst.mkdir(parents=True, exist_ok=True)
     written = []
     for name, src in tok.files.items():

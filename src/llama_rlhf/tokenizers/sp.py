@@ -5,6 +5,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from ..errors import UsageError
 from .base import Tokenizer
 
 
@@ -14,9 +15,9 @@ class SentencePieceTokenizer(Tokenizer):
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
         except (RuntimeError, OSError) as e:
-            raise ValueError(f"{self.path}: not a valid SentencePiece model ({e})") from None
+            raise UsageError(f"{self.path}: not a valid SentencePiece model ({e})") from None
         if self.sp.eos_id() < 0:
-            raise ValueError(f"{self.path}: SentencePiece model defines no eos piece")
+            raise UsageError(f"{self.path}: SentencePiece model defines no eos piece")
 
     def _encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
@@ -33,7 +34,7 @@ class SentencePieceTokenizer(Tokenizer):
         return self.sp.eos_id()
 
     @property
-    def _real_pad_id(self) -> int | None:
+    def real_pad_id(self) -> int | None:
         # Llama's model has pad_id -1, which must never reach an embedding lookup.
         return self.sp.pad_id() if self.sp.pad_id() >= 0 else None
 

@@ -88,10 +88,10 @@ def chosen_lm_nll(model: nn.Module, h: torch.Tensor, batch: dict) -> torch.Tenso
     return torch.stack(out)
 
 
-def verifier_objective(loss: str = "pairwise", lm_coef: float = 0.0, reduce: str = "last"):
+def verifier_objective(loss_type: str = "pairwise", lm_coef: float = 0.0, reduce: str = "last"):
     """`objective(model, batch) -> (loss summed over units, units, stats)` for the Trainer."""
-    if loss not in LOSSES:
-        raise UsageError(f"--loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+    if loss_type not in LOSSES:
+        raise UsageError(f"--loss must be one of {', '.join(LOSSES)}, got {loss_type!r}")
     if reduce not in REDUCES:
         raise UsageError(f"--reduce must be 'last' or 'mean', got {reduce!r}")
 
@@ -105,13 +105,13 @@ def verifier_objective(loss: str = "pairwise", lm_coef: float = 0.0, reduce: str
             value, stats = pointwise_loss(scores, batch["labels"].to(dev))
             return value * n, n, {**stats, **tokens}
         P = batch["n_pairs"]
-        if loss == "pointwise":
+        if loss_type == "pointwise":
             labels = torch.cat([torch.ones(P), torch.zeros(P)]).to(dev)
             value, stats = pointwise_loss(scores, labels)
             return value * 2 * P, 2 * P, {**stats, **tokens}
         rc, rr = scores[:P], scores[P:]
         margin = batch["margin"].to(dev) if batch.get("margin") is not None else None
-        if loss == "pairwise":
+        if loss_type == "pairwise":
             value, stats = pairwise_loss(rc, rr, margin)
         else:
             value, stats = logexpwithlm_loss(rc, rr, chosen_lm_nll(model, h, batch).mean(), lm_coef, margin)

@@ -1,0 +1,181 @@
+"""The two tables every checkpoint operation is driven by, and what follows from them alone.
+
+`SHARD_DIMS`: which dimension each parameter is split on across TP ranks. `HF_KEYS`: Meta key
+<-> HF key (with the rope permutation of q / k). Pure functions of state dicts and configs: split /
+merge into TP shards, HF <-> Meta renaming, the shapes a config implies.
+"""
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import torch
+
+from .. import parallel
+from ..errors import UsageError
+from ..models import ModelArgs
+from ..models.transformer import Transformer
+
+
+# (key regex, dim): 0 = split rows (column-parallel / vocab-parallel), 1 = split
+# columns (row-parallel), None = replicated on every rank.
+SHARD_DIMS: list[tuple[str, Optional[int]]] = [
+    (r"tok_embeddings\.weight", 0),
+    (r"output\.weight", 0),
+    (r"attention\.w[qkv]\.(weight|bias)", 0),
+    (r"attention\.wo\.weight", 1),
+    (r"w[13]\.weight", 0),  # dense FFN and every Mixtral expert
+    (r"w2\.weight", 1),
+    (r"feed_forward\.gate\.weight", None),  # Mixtral router
+    (r"(attention_norm|ffn_norm|norm)\.weight", None),
+    (r"reward_head\.(weight|bias)", None),
+]
+
+
+# (Meta key, HF key, rope permutation: None | "q" | "k"); {i} layer, {e} expert.
+HF_KEYS: list[tuple[str, str, Optional[str]]] = [
+    ("tok_embeddings.weight", "model.embed_tokens.weight", None),
+    ("norm.weight", "model.norm.weight", None),
+    ("output.weight", "lm_head.weight", None),
+    ("layers.{i}.attention.wq.weight", "model.layers.{i}.self_attn.q_proj.weight", "q"),
+    ("layers.{i}.attention.wk.weight", "model.layers.{i}.self_attn.k_proj.weight", "k"),
+    ("layers.{i}.attention.wv.weight", "model.layers.{i}.self_attn.v_proj.weight", None),
+    ("layers.{i}.attention.wo.weight", "model.layers.{i}.self_attn.o_proj.weight", None),
+    ("layers.{i}.attention.wq.bias", "model.layers.{i}.self_attn.q_proj.bias", "q"),
+    ("layers.{i}.attention.wk.bias", "model.layers.{i}.self_attn.k_proj.bias", "k"),
+    ("layers.{i}.attention.wv.bias", "model.layers.{i}.self_attn.v_proj.bias", None),
+    ("layers.{i}.feed_forward.w1.weight", "model.layers.{i}.mlp.gate_proj.weight", None),
+    ("layers.{i}.feed_forward.w2.weight", "model.layers.{i}.mlp.down_proj.weight", None),
+    ("layers.{i}.feed_forward.w3.weight", "model.layers.{i}.mlp.up_proj.weight", None),
+    ("layers.{i}.feed_forward.gate.weight", "model.layers.{i}.block_sparse_moe.gate.weight", None),
+    ("layers.{i}.feed_forward.experts.{e}.w1.weight", "model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight", None),
+    ("layers.{i}.feed_forward.experts.{e}.w2.weight", "model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight", None),
+    ("layers.{i}.feed_forward.experts.{e}.w3.weight", "model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight", None),
+    ("layers.{i}.attention_norm.weight", "model.layers.{i}.input_layernorm.weight", None),
+    ("layers.{i}.ffn_norm.weight", "model.layers.{i}.post_attention_layernorm.weight", None),
+    ("reward_head.weight", "score.weight", None),
+    ("reward_head.bias", "score.bias", None),
+]
+
+
+class CheckpointError(UsageError):
+    """A checkpoint that cannot be read, or that disagrees with its config (bad input: one line)."""
+
+
+def shard_dim(key: str) -> Optional[int]:
+    for pattern, dim in SHARD_DIMS:
+        if re.search(r"(^|\.)" + pattern + "$", key):
+            return dim
+    raise CheckpointError(f"no shard rule for parameter {key!r}")
+
+
+def split_state_dict(sd: dict[str, torch.Tensor], n: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict] = [{} for _ in range(n)]
+    shared: dict[int, str] = {}
+    for key, t in sd.items():
+        dim = shard_dim(key)
+        if dim is not None and t.shape[dim] % n:
+            raise CheckpointError(f"{key} of shape {tuple(t.shape)} cannot be split into {n} on dim {dim}")
+        if id(t) in shared:  # a tied weight: the same shard tensors, so each file stores it once
+            for shard in shards:
+                shard[key] = shard[shared[id(t)]]
+            continue
+        shared[id(t)] = key
+        parts = [t] * n if dim is None else torch.chunk(t, n, dim=dim)
+        for shard, part in zip(shards, parts):
+            shard[key] = part.clone()
+    return shards
+
+
+def merge_state_dicts(shards: list[dict[str, torch.Tensor]], args: ModelArgs) -> dict[str, torch.Tensor]:
+    full = {}
+    for key in shards[0]:
+        dim = shard_dim(key)
+        if key == "tok_embeddings.weight" and len(shards) > 1 and shards[0][key].shape[1] != args.dim:
+            dim = 1  # Llama-1/2 Meta shards split the embedding on dim (fairscale ParallelEmbedding)
+        full[key] = shards[0][key].clone() if dim is None else torch.cat([s[key] for s in shards], dim=dim)
+    return full
+
+
+def _key_regex(template: str) -> re.Pattern:
+    pat = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)")
+    return re.compile("^" + pat + "$")
+
+
+_META_RE = [(_key_regex(m), h, p) for m, h, p in HF_KEYS]
+
+
+_HF_RE = [(_key_regex(h), m, p) for m, h, p in HF_KEYS]
+
+
+def _permute(t: torch.Tensor, heads: int, to_meta: bool) -> torch.Tensor:
+    """HF stores each head's rotary pairs as [all reals | all imags]; Meta interleaves them."""
+    rest = t.shape[1:]
+    if to_meta:
+        return t.reshape(heads, 2, -1, *rest).transpose(1, 2).reshape(t.shape)
+    return t.reshape(heads, -1, 2, *rest).transpose(1, 2).reshape(t.shape)
+
+
+def _rename(sd: dict, table: list, args: ModelArgs, to_meta: bool) -> dict:
+    out = {}
+    for key, t in sd.items():
+        for regex, target, perm in table:
+            m = regex.match(key)
+            if m:
+                new = target.format(**m.groupdict())
+                if perm:
+                    t = _permute(t, args.n_heads if perm == "q" else args.n_kv_heads, to_meta)
+                out[new] = t
+                break
+        else:
+            if key.endswith("rotary_emb.inv_freq"):
+                continue
+            raise CheckpointError(f"unknown parameter {key!r} (not in the HF key table)")
+    return out
+
+
+def hf_to_meta(sd: dict, args: ModelArgs) -> dict:
+    out = _rename(sd, _HF_RE, args, to_meta=True)
+    if args.tie_word_embeddings:
+        out.setdefault("output.weight", out["tok_embeddings.weight"])
+    return out
+
+
+def meta_to_hf(sd: dict, args: ModelArgs) -> dict:
+    out = _rename(sd, _META_RE, args, to_meta=False)
+    if args.tie_word_embeddings:
+        out.pop("lm_head.weight", None)
+    return out
+
+
+def is_hf_keys(sd: dict) -> bool:
+    return any(k.startswith(("model.", "lm_head.")) for k in sd)
+
+
+def _model_shapes(args: ModelArgs) -> dict[str, tuple]:
+    """Parameter shapes of the model as built under the current TP size."""
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in Transformer(args).state_dict().items()}
+
+
+def expected_shapes(args: ModelArgs, n: int = 1) -> dict[str, tuple]:
+    """Per-shard parameter shapes for `n` TP shards, from the config alone."""
+    if parallel.tp_size() != 1:
+        raise CheckpointError("expected_shapes needs the full model: call it outside a TP>1 world")
+    out = {}
+    for key, shape in _model_shapes(args).items():
+        dim = shard_dim(key)
+        out[key] = shape if dim is None else tuple(s // n if d == dim else s for d, s in enumerate(shape))
+    return out
+
+
+def check_shapes(sd: dict, expected: dict, source: str) -> None:
+    missing = sorted(set(expected) - set(sd))
+    extra = sorted(set(sd) - set(expected))
+    if missing or extra:
+        raise CheckpointError(f"{source}: keys disagree with the config: missing {missing[:3]}, "
+                              f"unexpected {extra[:3]}")
+    for key, shape in expected.items():
+        if tuple(sd[key].shape) != shape:
+            raise CheckpointError(f"{source}: {key} has shape {tuple(sd[key].shape)} but the config "
+                                  f"(params.json / config.json) implies {shape}")
