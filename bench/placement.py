@@ -45,7 +45,7 @@ def build_checkpoints(root: Path, dim: int, layers: int, tp: int, prompts: int) 
     for name, head, seed in (("actor", 0, 0), ("critic", 1, 1)):
         args = ModelArgs(family="llama", dim=dim, n_layers=layers, n_heads=dim // 64, n_kv_heads=dim // 128,
                          vocab_size=vocab, max_seq_len=512, reward_head=head)
-        save_meta(build_model(args, init_seed=seed).state_dict(), args, str(root / name), n=tp, tokenizer_src=sp)
+        save_meta(build_model(args, init_seed=seed).state_dict(), args, str(root / name), n=tp, tokenizer_path=sp)
     write_json_atomic(make_problems(prompts, seed=1), str(root / "prompts.json"))
 
 
