@@ -22,7 +22,7 @@ from llama_rlhf.scoring import pair_batch, sequence_scores
 from llama_rlhf.tokenizers import load_tokenizer
 from llama_rlhf.trainers.verifier import (
     VerifierConfig,
-    batch_scores, score_dataset, setup_verifier, verifier_objective,
+    score_dataset, setup_verifier, verifier_objective,
 )
 from tests.fakes import tiny_sentencepiece
 from tests.helpers import ROOT, run_script, torchrun
@@ -119,13 +119,13 @@ def test_packed_pairs_equal_unpacked(env):
     model = load_model(str(env / "verifier-tp1"), role="verifier")
     idx = [0, 3, 5, 7]
     flat, packed = ds.collate(idx, 0, packing=False), ds.collate(idx, 0, packing=True)
-    assert packed["tokens"].shape[0] == 4 and flat["tokens"].shape[0] == 8
+    assert packed.tokens.shape[0] == 4 and flat.tokens.shape[0] == 8
     pairs = [ds.pairs[i] for i in idx]
     ref = pair_batch([p.prompt for p in pairs] * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs],
                      tok.pad_id)
     for reduce in ("last", "mean"):
         with torch.no_grad():
-            a, b = batch_scores(model, flat, reduce), batch_scores(model, packed, reduce)
+            a, b = sequence_scores(model, flat, reduce), sequence_scores(model, packed, reduce)
             assert torch.allclose(a, sequence_scores(model, ref, reduce), atol=1e-6)
         assert torch.allclose(a, b, atol=1e-5), reduce
     # Loss and gradients of every objective agree as well.

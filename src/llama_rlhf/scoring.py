@@ -11,13 +11,17 @@ no [B, T, V] fp32 logits tensor ever exists. One token alignment for the verifie
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import parallel
 from .errors import UsageError
+from .models import causal_mask
 
 CHUNK = 1024  # rows of the vocabulary projection formed at once
 
@@ -159,35 +163,72 @@ def linear_logprobs(h: torch.Tensor, output: nn.Module, targets: torch.Tensor,
 
 @dataclass
 class PairBatch:
-    tokens: torch.Tensor  # [B, T] long
-    action_mask: torch.Tensor  # [B, T-1] bool: True where token j+1 is a response token
-    last_index: torch.Tensor  # [B] long: position of each row's last response token
+    """S (prompt, response) sequences laid out in R rows of T tokens: the one batch format of
+    the verifier, DPO, PPO and best-of-N. Unpacked (`pair_batch`), row i is sequence i. Packed
+    (the verifier's `--packing`), a pair's prompt + chosen + rejected share one row, with
+    `positions` and `segments` (0 prompt, 1 chosen, 2 rejected, 3 padding) for the mask."""
+    tokens: torch.Tensor  # [R, T] long, right-padded
+    row: torch.Tensor  # [S] long: the row of each sequence
+    last: torch.Tensor  # [S] long: position of each sequence's last token (its EOS)
+    resp_mask: torch.Tensor  # [S, T] bool: positions of each sequence's response tokens, in its row
+    positions: Optional[torch.Tensor] = None  # [R, T], packed rows only
+    segments: Optional[torch.Tensor] = None  # [R, T], packed rows only
+    n_tokens: int = 0  # real (non-padding) tokens
+    n_pairs: int = 0  # pair batches: sequences 0..P-1 are the chosen answers, P..2P-1 the rejected
+    labels: Optional[torch.Tensor] = None  # [S] 0 / 1, pointwise records
+    margin: Optional[torch.Tensor] = None  # [P]
+    ref: Optional[torch.Tensor] = None  # [P, 2] DPO's cached reference log-probs (chosen, rejected)
+
+    @property
+    def action_mask(self) -> torch.Tensor:
+        """[S, T-1]: True at j where token j+1 is a response token (unpacked rows)."""
+        return self.resp_mask[:, 1:]
 
     def to(self, device) -> "PairBatch":
-        return PairBatch(self.tokens.to(device), self.action_mask.to(device), self.last_index.to(device))
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device)
+                                            for f in dataclasses.fields(self) if torch.is_tensor(getattr(self, f.name))})
 
 
 def pair_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> PairBatch:
-    """Right-padded prompt+response rows; every response must be non-empty."""
+    """Right-padded prompt+response rows, one per sequence; every response must be non-empty."""
     rows = [p + r for p, r in zip(prompts, responses)]
-    T = max(len(r) for r in rows)
+    T = max(max(len(r) for r in rows), 2)
     tokens = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    action_mask = torch.zeros(len(rows), max(T - 1, 1), dtype=torch.bool)
+    resp_mask = torch.zeros(len(rows), T, dtype=torch.bool)
     last = torch.zeros(len(rows), dtype=torch.long)
     for i, (p, r) in enumerate(zip(prompts, responses)):
         if not r:
             raise ValueError(f"row {i}: empty response")
         tokens[i, :len(p) + len(r)] = torch.tensor(p + r)
-        action_mask[i, len(p) - 1:len(p) + len(r) - 1] = True
+        resp_mask[i, len(p):len(p) + len(r)] = True
         last[i] = len(p) + len(r) - 1
-    return PairBatch(tokens, action_mask, last)
+    return PairBatch(tokens, torch.arange(len(rows)), last, resp_mask, n_tokens=sum(map(len, rows)))
+
+
+def packed_mask(positions: torch.Tensor, segments: torch.Tensor, window: Optional[int] = None) -> torch.Tensor:
+    """Attention mask [R, 1, T, T] (True = attend) of packed pair rows: `causal_mask` by position,
+    and a token sees its own segment, chosen / rejected tokens (segments 1, 2) also the prompt (0)."""
+    q_seg, k_seg = segments[:, None, :, None], segments[:, None, None, :]
+    answer_sees_prompt = (k_seg == 0) & ((q_seg == 1) | (q_seg == 2))
+    return causal_mask(positions, positions, window) & ((q_seg == k_seg) | answer_sees_prompt)
+
+
+def forward_hidden(model, batch: PairBatch) -> torch.Tensor:
+    """Final hidden states [R, T, dim] of a batch (packed rows get their positions and mask)."""
+    dev = parallel.device()
+    tokens = batch.tokens.to(dev, non_blocking=True)
+    positions = mask = None
+    if batch.segments is not None:
+        positions = batch.positions.to(dev, non_blocking=True)
+        mask = packed_mask(positions, batch.segments.to(dev, non_blocking=True), model.args.sliding_window)
+    return model.hidden(tokens, positions=positions, mask=mask)
 
 
 def action_logprobs(model, batch: PairBatch, with_entropy: bool = False):
     """log p(token j+1 | tokens <= j) at every action position, 0 elsewhere: [B, T-1] fp32
     (and the entropy there, [B, T-1]). Only action positions reach the vocabulary projection."""
     mask = batch.action_mask
-    h = model.hidden(batch.tokens)[:, :mask.shape[1]]  # [B, T-1, dim]
+    h = forward_hidden(model, batch)[:, :mask.shape[1]]  # [B, T-1, dim]
     logp, ent = linear_logprobs(h[mask], model.output, batch.tokens[:, 1:mask.shape[1] + 1][mask])
     zeros = torch.zeros(mask.shape, dtype=torch.float32, device=h.device)
     logps = zeros.masked_scatter(mask, logp)
@@ -196,17 +237,22 @@ def action_logprobs(model, batch: PairBatch, with_entropy: bool = False):
 
 def action_values(model, batch: PairBatch) -> torch.Tensor:
     """Critic value of the state before each action: [B, T-1]."""
-    return model.values(model.hidden(batch.tokens))[:, :-1]
+    return model.values(forward_hidden(model, batch))[:, :-1]
+
+
+def scores_from_hidden(model, h: torch.Tensor, batch: PairBatch, reduce: str = "last") -> torch.Tensor:
+    """Verifier score of every sequence of the batch [S] (fp32): the head at the sequence's
+    last token, or its mean over the response tokens."""
+    dev = h.device
+    values = model.values(h)[batch.row.to(dev)]  # [S, T]
+    if reduce == "last":
+        return values.gather(1, batch.last.to(dev)[:, None])[:, 0]
+    if reduce == "mean":
+        mask = batch.resp_mask.to(dev)
+        return (values * mask).sum(1) / mask.sum(1)
+    raise UsageError(f"--reduce must be 'last' or 'mean', got {reduce!r}")
 
 
 def sequence_scores(model, batch: PairBatch, reduce: str = "last") -> torch.Tensor:
-    """Verifier score of each response: the head at its last token, or the mean over its tokens. [B]"""
-    values = model.values(model.hidden(batch.tokens))  # [B, T]
-    if reduce == "last":
-        return values.gather(1, batch.last_index[:, None])[:, 0]
-    if reduce == "mean":
-        # Response tokens are the targets of the action positions: shift the mask by one.
-        mask = torch.zeros_like(values, dtype=torch.bool)
-        mask[:, 1:] = batch.action_mask
-        return (values * mask).sum(1) / mask.sum(1)
-    raise UsageError(f"--reduce must be 'last' or 'mean', got {reduce!r}")
+    """Verifier score of each sequence [S]: `scores_from_hidden` of a forward pass."""
+    return scores_from_hidden(model, forward_hidden(model, batch), batch, reduce)

@@ -21,21 +21,16 @@ The whole prompt + response is the model input (the verifier scores the EOS posi
 does on PPO rollouts, which end on EOS). A sequence longer than ``max_seq_len`` loses prompt
 tokens from the left first (BOS kept), then response tokens from the end; counted and logged.
 
-Batches (``collate``) describe *sequences* (2 per pair: chosen then rejected, or 1 per
-pointwise sample) laid out in *rows*:
-
-    tokens [R, T], positions [R, T] | None, segments [R, T] | None (packed rows only),
-    row [S] (the row of each sequence), last [S] (position of its last token, EOS),
-    resp_mask [S, T] (positions of its response tokens, in its row),
-    margin [P] | None, labels [S] | None, n_pairs, n_tokens
-
-Unpacked, every sequence has its own row, exactly `scoring.pair_batch` (row i = sequence i).
+Batches (``collate``) are `scoring.PairBatch`es of *sequences* (2 per pair: chosen then
+rejected, or 1 per pointwise sample) laid out in *rows*, with `margin` / `labels` / `n_pairs`
+set. Unpacked, every sequence has its own row, exactly `scoring.pair_batch` (row i = sequence i).
 Packed (``packing=True``), a pair shares one row: ``prompt + chosen + rejected``, the rejected
-tokens positioned right after the prompt and blind to the chosen ones (see `packed_mask`), so
+tokens positioned right after the prompt and blind to the chosen ones (see `scoring.packed_mask`), so
 the prompt is computed once per pair and every score equals its unpacked value.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from dataclasses import dataclass
@@ -46,8 +41,7 @@ import torch
 from ..errors import UsageError
 from ..config import flag
 from ..log import get_logger
-from ..models import causal_mask
-from ..scoring import pair_batch
+from ..scoring import PairBatch, pair_batch
 from ..tasks.gsm8k import grade
 from ..records import DataError, load_records, write_json_atomic
 from .encoding import encode_prompt, encode_response, fit_length
@@ -185,16 +179,14 @@ class PairDataset:
     def __len__(self) -> int:
         return len(self.pairs) if self.kind == "pairwise" else len(self.points)
 
-    def collate(self, indices: Sequence[int], epoch: int = 0, packing: bool = False) -> dict:
+    def collate(self, indices: Sequence[int], epoch: int = 0, packing: bool = False) -> PairBatch:
         if self.kind == "pointwise":
             pts = [self.points[i] for i in indices]
-            out = collate_sequences([p.prompt for p in pts], [p.response for p in pts], self.pad_id)
-            out.update(labels=torch.tensor([p.label for p in pts]), margin=None, n_pairs=0)
-            return out
+            b = pair_batch([p.prompt for p in pts], [p.response for p in pts], self.pad_id)
+            return dataclasses.replace(b, labels=torch.tensor([p.label for p in pts]))
         pairs = [self.pairs[i] for i in indices]
-        out = collate_pairs(pairs, self.pad_id, packing)
-        out["margin"] = torch.tensor([p.margin for p in pairs]) if self.has_margin else None
-        return out
+        b = collate_pairs(pairs, self.pad_id, packing)
+        return dataclasses.replace(b, margin=torch.tensor([p.margin for p in pairs]) if self.has_margin else None)
 
 
 def load_pair_dataset(path: str, tokenizer, max_seq_len: Optional[int] = None) -> PairDataset:
@@ -204,25 +196,12 @@ def load_pair_dataset(path: str, tokenizer, max_seq_len: Optional[int] = None) -
 
 # ----------------------------------------------------------------------------- collation
 
-def collate_sequences(prompts: Sequence[list[int]], responses: Sequence[list[int]], pad_id: int) -> dict:
-    """One right-padded row per sequence: exactly `scoring.pair_batch` (row i = sequence i)."""
-    b = pair_batch(list(prompts), list(responses), pad_id)
-    S, T = b.tokens.shape
-    resp = torch.zeros((S, T), dtype=torch.bool)
-    resp[:, 1:] = b.action_mask[:, :T - 1]  # token j+1 is a response token iff action j is one
-    return {"tokens": b.tokens, "positions": None, "segments": None, "row": torch.arange(S),
-            "last": b.last_index, "resp_mask": resp, "labels": None,
-            "n_tokens": sum(len(p) + len(r) for p, r in zip(prompts, responses))}
-
-
-def collate_pairs(pairs: Sequence[Pair], pad_id: int, packing: bool = False) -> dict:
+def collate_pairs(pairs: Sequence[Pair], pad_id: int, packing: bool = False) -> PairBatch:
     """Sequences 0..P-1 are the chosen answers, P..2P-1 the rejected ones."""
     P = len(pairs)
     if not packing:
-        out = collate_sequences([p.prompt for p in pairs] * 2, [p.chosen for p in pairs] +
-                                [p.rejected for p in pairs], pad_id)
-        out["n_pairs"] = P
-        return out
+        b = pair_batch([p.prompt for p in pairs] * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+        return dataclasses.replace(b, n_pairs=P)
     T = max(len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
     tokens = torch.full((P, T), pad_id, dtype=torch.long)
     positions = torch.zeros((P, T), dtype=torch.long)
@@ -241,17 +220,8 @@ def collate_pairs(pairs: Sequence[Pair], pad_id: int, packing: bool = False) -> 
         resp[i, n:n + c] = True
         resp[P + i, n + c:n + c + r] = True
         last[i], last[P + i] = n + c - 1, n + c + r - 1
-    return {"tokens": tokens, "positions": positions, "segments": segments, "row": torch.arange(P).repeat(2),
-            "last": last, "resp_mask": resp, "labels": None, "n_pairs": P,
-            "n_tokens": sum(len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)}
-
-
-def packed_mask(positions: torch.Tensor, segments: torch.Tensor, window: Optional[int] = None) -> torch.Tensor:
-    """Attention mask [R, 1, T, T] (True = attend) of packed pair rows: `causal_mask` by position,
-    and a token sees its own segment, chosen / rejected tokens (segments 1, 2) also the prompt (0)."""
-    q_seg, k_seg = segments[:, None, :, None], segments[:, None, None, :]
-    answer_sees_prompt = (k_seg == 0) & ((q_seg == 1) | (q_seg == 2))
-    return causal_mask(positions, positions, window) & ((q_seg == k_seg) | answer_sees_prompt)
+    return PairBatch(tokens, torch.arange(P).repeat(2), last, resp, positions, segments, n_pairs=P,
+                     n_tokens=sum(len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs))
 
 
 # ----------------------------------------------------------------------------- make_pairs
@@ -345,5 +315,5 @@ def make_pairs_command(cfg: PairsConfig) -> dict:
 
 
 __all__ = ["PairsConfig", "make_pairs_command", "Pair", "Point", "PairDataset", "load_pair_dataset", "encode_prompt", "encode_response", "fit_length",
-           "collate_pairs", "collate_sequences", "packed_mask", "make_pairs", "results_items",
+           "collate_pairs", "make_pairs", "results_items",
            "sample_correctness", "DataError"]

@@ -19,6 +19,7 @@ with the SFT trainer's chunked cross-entropy, so no [B, T, V] logits tensor is f
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 from dataclasses import dataclass
@@ -28,30 +29,29 @@ import torch
 import torch.nn as nn
 
 from .. import parallel
-from ..data.pairs import PairDataset, collate_pairs, load_pair_dataset
 from ..checkpoint import load_model, shard_files
+from ..data.pairs import PairDataset, collate_pairs, load_pair_dataset
 from ..config import flag
 from ..errors import MissingPathError, UsageError
 from ..log import get_logger
 from ..lora import apply_lora
 from ..losses import dpo_loss
-from ..scoring import linear_cross_entropy
+from ..scoring import PairBatch, forward_hidden, linear_cross_entropy
 from .base import Trainer, autocast, load_for_training
 from .config import TrainConfig
-from .verifier import forward_hidden
 
 DPO_LOSSES = ("sigmoid", "ipo")
 
 
-def sequence_logps(model: nn.Module, batch: dict) -> torch.Tensor:
+def sequence_logps(model: nn.Module, batch: PairBatch) -> torch.Tensor:
     """Summed log-prob of each sequence's response tokens (+ EOS) given its prompt [S], fp32."""
     h = forward_hidden(model, batch)
     dev = h.device
-    tokens = batch["tokens"].to(dev)
+    tokens = batch.tokens.to(dev)
     out = []
-    for s in range(batch["row"].shape[0]):
-        r = int(batch["row"][s])
-        pos = batch["resp_mask"][s].nonzero()[:, 0].to(dev)
+    for s in range(batch.row.shape[0]):
+        r = int(batch.row[s])
+        pos = batch.resp_mask[s].nonzero()[:, 0].to(dev)
         out.append(-linear_cross_entropy(h[r, pos - 1], model.output, tokens[r, pos]))
     return torch.stack(out).float()
 
@@ -84,24 +84,23 @@ def pair_logps(model: nn.Module, datasets: list[PairDataset], max_batch_size: in
 
 def dpo_collate(dataset: PairDataset, ref: torch.Tensor):
     """collate(indices, epoch) -> unpacked pair batch + the cached reference log-probs [P, 2]."""
-    def collate(indices: list[int], epoch: int = 0, _ds=dataset, _ref=ref) -> dict:
+    def collate(indices: list[int], epoch: int = 0, _ds=dataset, _ref=ref) -> PairBatch:
         batch = collate_pairs([_ds.pairs[i] for i in indices], _ds.pad_id)
-        batch["ref"] = _ref[list(indices)]
-        return batch
+        return dataclasses.replace(batch, ref=_ref[list(indices)])
     return collate
 
 
 def dpo_objective(beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0):
     """`objective(model, batch) -> (DPO loss summed over pairs, pairs, stats)` for the Trainer."""
-    def objective(model: nn.Module, batch: dict):
+    def objective(model: nn.Module, batch: PairBatch):
         dev = parallel.device()
-        P = batch["n_pairs"]
+        P = batch.n_pairs
         logps = sequence_logps(model, batch)
-        ref = batch["ref"].to(dev)
+        ref = batch.ref.to(dev)
         loss, stats = dpo_loss(logps[:P], logps[P:], ref[:, 0], ref[:, 1], beta, loss_type, label_smoothing)
         stats = {**stats, "accuracy": stats["rewards/accuracy"], "margin": stats["rewards/margin"],
                  "logps/chosen": logps[:P].detach().mean(), "logps/rejected": logps[P:].detach().mean(),
-                 "tokens": batch["n_tokens"]}
+                 "tokens": batch.n_tokens}
         return loss * P, P, stats
     return objective
 

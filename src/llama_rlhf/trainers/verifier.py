@@ -30,14 +30,14 @@ import torch
 import torch.nn as nn
 
 from .. import parallel
-from ..data.pairs import PairDataset, load_pair_dataset, packed_mask
+from ..data.pairs import PairDataset, load_pair_dataset
 from ..config import flag
 from ..errors import UsageError
 from ..log import get_logger
 from ..lora import apply_lora
 from ..losses import logexpwithlm_loss, pairwise_loss, pointwise_loss
 from ..models import attach_reward_head
-from ..scoring import linear_cross_entropy
+from ..scoring import PairBatch, forward_hidden, linear_cross_entropy, scores_from_hidden, sequence_scores
 from .base import Trainer, autocast, load_for_training
 from .config import TrainConfig
 
@@ -47,43 +47,15 @@ REDUCES = ("last", "mean")
 
 # ----------------------------------------------------------------------------- forward
 
-def forward_hidden(model: nn.Module, batch: dict) -> torch.Tensor:
-    """Final hidden states [R, T, dim] of a batch from `data.pairs` (packed rows get their mask)."""
-    dev = parallel.device()
-    tokens = batch["tokens"].to(dev, non_blocking=True)
-    positions = mask = None
-    if batch.get("segments") is not None:
-        positions = batch["positions"].to(dev, non_blocking=True)
-        mask = packed_mask(positions, batch["segments"].to(dev, non_blocking=True), model.args.sliding_window)
-    return model.hidden(tokens, positions=positions, mask=mask)
-
-
-def scores_from_hidden(model: nn.Module, h: torch.Tensor, batch: dict, reduce: str = "last") -> torch.Tensor:
-    """Verifier score of every sequence of the batch [S] (fp32): the head at the sequence's
-    last token, or its mean over the response tokens (as `scoring.sequence_scores`)."""
-    dev = h.device
-    values = model.values(h)[batch["row"].to(dev)]  # [S, T]
-    if reduce == "last":
-        return values.gather(1, batch["last"].to(dev)[:, None])[:, 0]
-    if reduce == "mean":
-        mask = batch["resp_mask"].to(dev)
-        return (values * mask).sum(1) / mask.sum(1)
-    raise UsageError(f"--reduce must be 'last' or 'mean', got {reduce!r}")
-
-
-def batch_scores(model: nn.Module, batch: dict, reduce: str = "last") -> torch.Tensor:
-    return scores_from_hidden(model, forward_hidden(model, batch), batch, reduce)
-
-
-def chosen_lm_nll(model: nn.Module, h: torch.Tensor, batch: dict) -> torch.Tensor:
+def chosen_lm_nll(model: nn.Module, h: torch.Tensor, batch: PairBatch) -> torch.Tensor:
     """Mean next-token NLL of each chosen answer's tokens (+ EOS), one value per pair [P], via
     the SFT trainer's chunked output-projection cross-entropy (no [B, T, V] logits)."""
     dev = h.device
-    tokens = batch["tokens"].to(dev)
+    tokens = batch.tokens.to(dev)
     out = []
-    for s in range(batch["n_pairs"]):
-        r = int(batch["row"][s])
-        pos = batch["resp_mask"][s].nonzero()[:, 0].to(dev)  # response token positions (contiguous)
+    for s in range(batch.n_pairs):
+        r = int(batch.row[s])
+        pos = batch.resp_mask[s].nonzero()[:, 0].to(dev)  # response token positions (contiguous)
         out.append(linear_cross_entropy(h[r, pos - 1], model.output, tokens[r, pos]) / pos.numel())
     return torch.stack(out)
 
@@ -95,22 +67,22 @@ def verifier_objective(loss_type: str = "pairwise", lm_coef: float = 0.0, reduce
     if reduce not in REDUCES:
         raise UsageError(f"--reduce must be 'last' or 'mean', got {reduce!r}")
 
-    def objective(model: nn.Module, batch: dict):
+    def objective(model: nn.Module, batch: PairBatch):
         dev = parallel.device()
         h = forward_hidden(model, batch)
         scores = scores_from_hidden(model, h, batch, reduce)
-        tokens = {"tokens": batch["n_tokens"]}
-        if batch.get("labels") is not None:  # pointwise records
+        tokens = {"tokens": batch.n_tokens}
+        if batch.labels is not None:  # pointwise records
             n = scores.shape[0]
-            value, stats = pointwise_loss(scores, batch["labels"].to(dev))
+            value, stats = pointwise_loss(scores, batch.labels.to(dev))
             return value * n, n, {**stats, **tokens}
-        P = batch["n_pairs"]
+        P = batch.n_pairs
         if loss_type == "pointwise":
             labels = torch.cat([torch.ones(P), torch.zeros(P)]).to(dev)
             value, stats = pointwise_loss(scores, labels)
             return value * 2 * P, 2 * P, {**stats, **tokens}
         rc, rr = scores[:P], scores[P:]
-        margin = batch["margin"].to(dev) if batch.get("margin") is not None else None
+        margin = batch.margin.to(dev) if batch.margin is not None else None
         if loss_type == "pairwise":
             value, stats = pairwise_loss(rc, rr, margin)
         else:
@@ -135,12 +107,12 @@ def score_dataset(model: nn.Module, dataset: PairDataset, max_batch_size: int, r
         idx = mine[s:s + max_batch_size]
         batch = dataset.collate(idx, 0, packing and dataset.kind == "pairwise")
         with autocast():
-            sc = batch_scores(model, batch, reduce).float().cpu()
+            sc = sequence_scores(model, batch, reduce).float().cpu()
         if dataset.kind == "pairwise":
             P = len(idx)
             local += [(i, float(sc[k]), float(sc[P + k])) for k, i in enumerate(idx)]
         else:
-            local += [(i, float(sc[k]), float(batch["labels"][k])) for k, i in enumerate(idx)]
+            local += [(i, float(sc[k]), float(batch.labels[k])) for k, i in enumerate(idx)]
     model.train(was_training)
     rows = sorted(r for part in parallel.all_gather_objects(local) for r in part)
     return [r[1] for r in rows], [r[2] for r in rows]
@@ -247,6 +219,6 @@ def train_verifier(cfg: VerifierConfig) -> Optional[str]:
     return setup_verifier(cfg).fit()
 
 
-__all__ = ["LOSSES", "REDUCES", "VerifierTrainer", "batch_scores", "chosen_lm_nll", "evaluate_verifier",
-           "forward_hidden", "pair_metrics", "score_dataset", "scores_from_hidden",
+__all__ = ["LOSSES", "REDUCES", "VerifierTrainer", "chosen_lm_nll", "evaluate_verifier",
+           "pair_metrics", "score_dataset",
            "setup_verifier", "train_verifier", "verifier_objective", "VerifierConfig"]
