@@ -99,7 +99,8 @@ def run_sft(opt: argparse.Namespace, root: Path, seq_len: int) -> float:
     out = root / "sft"
     out.mkdir(parents=True, exist_ok=True)
     args = ["--ckpt_dir", root / "actor", "--save_dir", out, "--train_file", root / "sft.json",
-            "--max_batch_size", opt.batch, "--max_seq_len", seq_len, "--max_steps", opt.sft_steps]
+            "--max_batch_size", opt.batch, "--max_seq_len", seq_len, "--max_steps", opt.sft_steps,
+            "--peak_flops", 1]  # given, so no matmul is timed for mfu: its buffers are no part of training
     torchrun("sft", [Path(__file__).resolve(), CHILD, out, *args], opt, opt.port)
     peaks = [json.loads(p.read_text())["peak_memory_mb"] for p in sorted(out.glob("peak.*.json"))]
     if len(peaks) != opt.world:
