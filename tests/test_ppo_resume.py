@@ -11,7 +11,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.helpers import ROOT, free_port, ppo_checkpoints, torchrun
+from tests.helpers import ROOT, free_port, ppo_checkpoints
 
 WORKER = ROOT / "tests/dist/ppo_worker.py"
 ESTIMATORS = ("grpo", "gae")
@@ -29,17 +29,21 @@ def _cfg(root, name: str, estimator: str, **kw) -> dict:
     return {**base, **kw}
 
 
-def _launch(root, name: str, cases: list[dict], expect_ok: bool = True) -> None:
+def _start(root, name: str, cases: list[dict]) -> subprocess.Popen:
     path = root / f"{name}.json"
     path.write_text(json.dumps(cases))
-    if expect_ok:
-        torchrun(WORKER, str(path), nproc=2)
-        return
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            str(WORKER), str(path)]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode != 0, "the killed run finished"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc: subprocess.Popen, expect_ok: bool = True) -> None:
+    out, _ = proc.communicate(timeout=300)
+    if expect_ok:
+        assert proc.returncode == 0, out[-5000:]
+    else:
+        assert proc.returncode != 0, "the killed run finished"
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +55,16 @@ def runs(tmp_path_factory):
                   {"cfg": _cfg(root, f"stop-{e}", e, max_rounds=2)}]
         resumed += [{"cfg": _cfg(root, f"stop-{e}", e, max_rounds=4, resume=True)},
                     {"cfg": _cfg(root, f"kill-{e}", e, max_rounds=4, resume=True)}]
-    _launch(root, "first", first)
-    for e in ESTIMATORS:  # SIGKILLed once round-2 is written
-        _launch(root, f"kill-{e}", [{"cfg": _cfg(root, f"kill-{e}", e, max_rounds=4, save_rounds=1),
-                                     "kill_after": 2}], expect_ok=False)
+    # The runs SIGKILLed once round-2 is written go beside the others (separate dirs; mostly start-up).
+    procs = [_start(root, "first", first)] + [
+        _start(root, f"kill-{e}", [{"cfg": _cfg(root, f"kill-{e}", e, max_rounds=4, save_rounds=1), "kill_after": 2}])
+        for e in ESTIMATORS]
+    _finish(procs[0])
+    for proc in procs[1:]:
+        _finish(proc, expect_ok=False)
+    for e in ESTIMATORS:
         assert (root / f"kill-{e}/actor/round-2").is_dir() and not (root / f"kill-{e}/actor/round-3").exists()
-    _launch(root, "resumed", resumed)
+    _finish(_start(root, "resumed", resumed))
     return root
 
 
