@@ -1,4 +1,5 @@
-"""Every family's logits equal HF transformers' on the same random weights, at TP=1 and TP=2."""
+"""Every family's logits equal HF transformers' on the same random weights, at TP=1 and TP=2 (and an
+explicit config.json head_dim is read)."""
 import pytest
 import torch
 
@@ -11,6 +12,7 @@ CASES = {
                                                             "high_freq_factor": 4.0,
                                                             "original_max_position_embeddings": 16},
                                            "rope_theta": 500000.0}),
+    "llama-explicit-head-dim": ("llama-tiny", {"head_dim": 24}),  # config.json's head_dim != dim / n_heads
     "mistral-window": ("mistral-tiny", {}),
     "mixtral": ("mixtral-tiny", {}),
     "qwen-bias-tied": ("qwen-tiny", {}),

@@ -42,6 +42,7 @@ class ModelArgs:
     n_experts_per_tok: int = 2
     sliding_window: Optional[int] = None  # Mistral v0.1
     reward_head: int = 0  # >0: a verifier / critic with a scalar head of this many outputs
+    head_dim: Optional[int] = None  # explicit in some config.json files; default dim // n_heads
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -50,13 +51,11 @@ class ModelArgs:
             self.n_kv_heads = self.n_heads
         if self.hidden_dim is None:
             self.hidden_dim = meta_ffn_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
-        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
+        if (self.head_dim is None and self.dim % self.n_heads) or self.n_heads % self.n_kv_heads:
             raise ConfigError(
                 f"dim {self.dim}, n_heads {self.n_heads}, n_kv_heads {self.n_kv_heads} do not divide")
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        if self.head_dim is None:
+            self.head_dim = self.dim // self.n_heads
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -151,6 +150,7 @@ def args_from_hf_config(cfg: dict, source: str = "config.json") -> ModelArgs:
         n_experts=cfg.get("num_local_experts", 0) if family == "mixtral" else 0,
         n_experts_per_tok=cfg.get("num_experts_per_tok", 2),
         sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", family in ("mistral", "mixtral")) else None,
+        head_dim=cfg.get("head_dim"),
     )
 
 
@@ -163,6 +163,7 @@ def hf_config_from_args(args: ModelArgs) -> dict:
         "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
         "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": args.tie_word_embeddings,
         "hidden_act": "silu", "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": 2,
+        "head_dim": args.head_dim,
     }
     if args.rope_scaling:
         cfg["rope_scaling"] = {"rope_type": "llama3", **args.rope_scaling}
