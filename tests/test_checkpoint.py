@@ -163,3 +163,31 @@ def test_hf_export_takes_special_ids_from_the_tokenizer(hf_dir, tmp_path, bos, e
     loaded = transformers.AutoConfig.from_pretrained(tmp_path / "hf")
     assert (loaded.bos_token_id, loaded.eos_token_id) == (expected["bos_token_id"], 4)
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf").eos_token_id == 4
+
+
+def test_split_keeps_the_source_dtype_unless_dtype_is_given(hf_dir, tmp_path):
+    split_command(str(hf_dir / "hf"), str(tmp_path / "bf16"), num_shards=2, dtype="bf16")
+    shard = torch.load(tmp_path / "bf16/consolidated.01.pth")
+    assert {t.dtype for t in shard.values()} == {torch.bfloat16}
+    split_command(str(tmp_path / "bf16"), str(tmp_path / "kept"), num_shards=1)  # a bf16 source stays bf16
+    kept = torch.load(tmp_path / "kept/consolidated.00.pth")
+    assert {t.dtype for t in kept.values()} == {torch.bfloat16}
+    split_command(str(tmp_path / "kept"), str(tmp_path / "hf16"), to="hf", dtype="fp16")
+    cfg = json.loads((tmp_path / "hf16/config.json").read_text())
+    assert cfg["torch_dtype"] == "float16"
+    split_command(str(hf_dir / "hf"), str(tmp_path / "fp32"), num_shards=1)
+    fp32 = torch.load(tmp_path / "fp32/consolidated.00.pth")
+    assert {t.dtype for t in fp32.values()} == {torch.float32}
+    assert kept.keys() == fp32.keys() and all(torch.equal(kept[k], fp32[k].bfloat16()) for k in fp32)
+    with pytest.raises(CheckpointError, match="--dtype must be one of"):
+        split_command(str(hf_dir / "hf"), str(tmp_path / "bad"), dtype="int8")
+
+
+def test_tied_embeddings_are_stored_once(tmp_path):
+    hf, args = tiny_hf_model("qwen-tiny")  # tie_word_embeddings
+    hf.save_pretrained(tmp_path / "hf")
+    split_command(str(tmp_path / "hf"), str(tmp_path / "tp2"), num_shards=2)
+    shard = torch.load(tmp_path / "tp2/consolidated.00.pth")
+    assert shard["output.weight"].data_ptr() == shard["tok_embeddings.weight"].data_ptr()
+    split_command(str(tmp_path / "tp2"), str(tmp_path / "back"), to="hf")
+    assert json.loads((tmp_path / "back/config.json").read_text())["tie_word_embeddings"] is True

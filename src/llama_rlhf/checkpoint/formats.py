@@ -115,8 +115,11 @@ def save_hf(sd: dict, args: ModelArgs, dst: str, tokenizer_path: Optional[str] =
             overwrite: bool = False) -> None:
     """Full state dict -> an HF directory that `transformers` loads directly."""
     hf = {k: v.contiguous() for k, v in meta_to_hf(sd, args).items()}
+    if args.tie_word_embeddings:  # HF keeps one copy of a tied weight (safetensors refuses shared storage)
+        hf.pop("lm_head.weight", None)
     tok = load_tokenizer(tokenizer_path) if tokenizer_path else None
     config = hf_config_from_args(args)
+    config["torch_dtype"] = str(hf["model.embed_tokens.weight"].dtype).removeprefix("torch.")
     if tok is not None:
         config.update(special_token_ids(tok))
 
@@ -130,6 +133,18 @@ def save_hf(sd: dict, args: ModelArgs, dst: str, tokenizer_path: Optional[str] =
     commit_dir(write, dst, overwrite)
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cast_state_dict(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Floating tensors in `dtype`; a tensor shared by two keys (tied embeddings) stays shared."""
+    done: dict[int, torch.Tensor] = {}
+    for t in sd.values():
+        if id(t) not in done:
+            done[id(t)] = t.to(dtype) if t.is_floating_point() else t
+    return {k: done[id(t)] for k, t in sd.items()}
+
+
 @dataclass
 class SplitConfig:
     """`checkpoint_split.py`'s flags."""
@@ -140,6 +155,7 @@ class SplitConfig:
     model_type: Optional[str] = None
     to: str = flag("meta", choices=("meta", "hf"))
     tokenizer_file: Optional[str] = flag(None, path="any")  # default: the one beside --ckpt_file
+    dtype: Optional[str] = flag(None, choices=tuple(DTYPES))  # default: the source's (a 7B in fp32 is 28 GB)
     overwrite: bool = False
 
 
@@ -149,9 +165,9 @@ def split(cfg: SplitConfig) -> None:
 
 def split_command(ckpt_file: str, save_path: str, n: Optional[int] = None, model_type: Optional[str] = None,
                   to: str = "meta", tokenizer_file: Optional[str] = None, overwrite: bool = False,
-                  num_shards: Optional[int] = None) -> None:
+                  num_shards: Optional[int] = None, dtype: Optional[str] = None) -> None:
     """checkpoint_split.py: any source -> `num_shards` Meta shards (`n` is its old name), or ->
-    an HF directory."""
+    an HF directory, in the source's dtype or `dtype`."""
     if int(os.environ.get("RANK", 0)) != 0:
         return  # torchrun may start several processes; one does the work (no process group needed)
     if to not in ("meta", "hf"):
@@ -159,7 +175,11 @@ def split_command(ckpt_file: str, save_path: str, n: Optional[int] = None, model
     shards = _shard_count(num_shards, n)
     if model_type:
         family_of(model_type)
+    if dtype is not None and dtype not in DTYPES:
+        raise CheckpointError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     sd, args = load_source(ckpt_file, model_type)
+    if dtype is not None:
+        sd = cast_state_dict(sd, DTYPES[dtype])
     tok = tokenizer_file or find_tokenizer(ckpt_file)
     if to == "hf":
         save_hf(sd, args, save_path, tok, overwrite)
