@@ -23,6 +23,14 @@ def _inputs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return h, w, y
 
 
+def _projection(w: torch.Tensor) -> nn.Linear:
+    """The bias-free output layer (TP = 1) holding `w`: the fused path's input."""
+    out = nn.Linear(w.shape[1], w.shape[0], bias=False)
+    with torch.no_grad():
+        out.weight.copy_(w)
+    return out
+
+
 def _oracle(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, dL/dh, dL/dW) of UPSTREAM * the plain summed cross-entropy, by autograd in fp32."""
     h, w = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
@@ -66,9 +74,7 @@ def test_fp32_one_gradient_only(need_h, need_w):
 def test_public_function_at_tp1_is_the_fused_path():
     # linear_cross_entropy on a bias-free nn.Linear goes through _LinearCrossEntropy, same numbers.
     h, w, y = _inputs(2)
-    out = nn.Linear(D, V, bias=False)
-    with torch.no_grad():
-        out.weight.copy_(w)
+    out = _projection(w)
     ref_loss, ref_gh, ref_gw = _oracle(h, w, y)
     hh = h.clone().requires_grad_()
     loss = linear_cross_entropy(hh, out, y, chunk=CHUNK)
@@ -89,9 +95,7 @@ def _assert_bf16_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
 
 def test_bf16_under_autocast_matches_fp32_oracle():
     h, w, y = _inputs(3)
-    out = nn.Linear(D, V, bias=False)
-    with torch.no_grad():
-        out.weight.copy_(w)
+    out = _projection(w)
     ref_loss, ref_gh, ref_gw = _oracle(h, w, y)
     hh = h.clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -125,9 +129,7 @@ def test_linear_logprobs_and_entropy_match_autograd_of_log_softmax():
     h, w, y = _inputs(1)
     g = torch.Generator().manual_seed(2)
     g_lp, g_ent = torch.randn(N, generator=g), torch.randn(N, generator=g)
-    out = nn.Linear(D, V, bias=False)
-    with torch.no_grad():
-        out.weight.copy_(w)
+    out = _projection(w)
     hh = h.clone().requires_grad_()
     lp, ent = linear_logprobs(hh, out, y, chunk=CHUNK)
     ((lp * g_lp).sum() + (ent * g_ent).sum()).backward()

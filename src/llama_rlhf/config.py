@@ -79,7 +79,9 @@ def _check(name: str, value: Any, meta: typing.Mapping) -> None:
 
 def from_flags(cls: type, flags: dict) -> Any:
     """An instance of the dataclass `cls` from flag values; unknown or missing flags, bad
-    types, choices and paths are UsageErrors. Calls `validate()` when the class has one."""
+    types, choices and paths are UsageErrors. Checks across fields are the config's own
+    `validate()`, which the function it is handed to calls first (library callers build
+    configs directly), so they run once."""
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(flags) - set(fields))
     if unknown:
@@ -93,7 +95,4 @@ def from_flags(cls: type, flags: dict) -> Any:
             continue
         kw[name] = convert(name, flags[name], hints[name])
         _check(name, kw[name], f.metadata)
-    cfg = cls(**kw)
-    if hasattr(cfg, "validate"):
-        cfg.validate()
-    return cfg
+    return cls(**kw)

@@ -17,7 +17,6 @@ import torch
 from safetensors.torch import load_file
 
 from .. import parallel
-from ..errors import UsageError
 from ..models import ModelArgs, build_model, read_args, write_params
 from ..tokenizers import load_tokenizer, save_tokenizer
 from .tables import CheckpointError, check_shapes
@@ -142,19 +141,19 @@ def _check_role(args: ModelArgs, role: Optional[str], ckpt_dir: str) -> None:
 
 
 def save_model(model: Optional[torch.nn.Module], dst: str, tokenizer_path: Optional[str] = None,
-               state: Optional[dict] = None, model_state: Optional[dict] = None,
+               state: Optional[dict] = None, model_state: Optional[Callable[[], dict]] = None,
                writer_replica: Optional[int] = None) -> None:
     """Write the checkpoint dir `dst` atomically; every rank calls it.
 
     The TP ranks of one DP replica write the shards: `writer_replica` (None: every replica
     holds the model and replica 0 writes; give it when only some replicas hold the model,
-    the others may pass `model` None). `model_state` replaces `model.state_dict()` as the
-    weights written (e.g. LoRA merged in; read on the writing replica only). `state`, if
+    the others may pass `model` None). `model_state()` replaces `model.state_dict()` as the
+    weights written (e.g. LoRA merged in); it is called on the writing replica only. `state`, if
     given, goes to `state.RR.pth` of every rank. Files land in `dst.tmp`, which the writer's
     TP rank 0 renames to `dst` once all ranks are done, so a crash leaves `dst` as it was."""
     writer = 0 if writer_replica is None else writer_replica
     if not 0 <= writer < parallel.dp_size():
-        raise UsageError(f"save_model: writer_replica {writer} is not a replica (DP size {parallel.dp_size()})")
+        raise ValueError(f"save_model: writer_replica {writer} is not a replica (DP size {parallel.dp_size()})")
     writes = parallel.dp_rank() == writer
     lead = writes and parallel.tp_rank() == 0
     if writes and model is None:
@@ -164,7 +163,7 @@ def save_model(model: Optional[torch.nn.Module], dst: str, tokenizer_path: Optio
         _begin_dir(dst)
     parallel.barrier()  # the temp dir exists before anyone writes into it
     if writes:
-        weights = model.state_dict() if model_state is None else model_state
+        weights = model.state_dict() if model_state is None else model_state()
         sd = {k: v.detach().to("cpu").clone() for k, v in weights.items()}
         atomic_torch_save(sd, os.path.join(tmp, f"consolidated.{parallel.tp_rank():02d}.pth"))
     if state is not None:

@@ -118,7 +118,7 @@ class EvalConfig:
     ckpt_dir: str = flag(path="dir")
     label_file: str = flag(path="file")
     log_dir: str = flag()
-    task: str = flag("GSM8K", choices=TASKS)
+    task: str = "GSM8K"  # one of TASKS, any case (validate)
     model_type: Optional[str] = None
     tokenizer_file: Optional[str] = flag(None, path="any")  # default: the tokenizer in --ckpt_dir
     max_batch_size: int = 384

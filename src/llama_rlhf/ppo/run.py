@@ -144,7 +144,7 @@ def _save(cfg: PPOConfig, trainer: PPOTrainer, tokenizer_path: str, epoch: int, 
     if not flat:  # every shard's minibatch order, so any replica can resume any shard
         state["shards"] = [{"batch_order": g.get_state()} for g in trainer.batch_orders]
     save_model(m.actor, os.path.join(cfg.actor_save_dir, name), tokenizer_path, state=state,
-               model_state=merged_state_dict(m.actor) if m.actor is not None else None,
+               model_state=lambda: merged_state_dict(m.actor),
                writer_replica=None if flat else P.actor[0])
     if cfg.estimator == "gae" and cfg.critic_save_dir:
         save_model(m.critic, os.path.join(cfg.critic_save_dir, name), tokenizer_path,

@@ -226,7 +226,7 @@ class Trainer:
 
     def save(self, name: str) -> str:
         dst = os.path.join(self.cfg.save_dir, name)
-        weights = lora.merged_state_dict(self.model) if self.is_lora else None
+        weights = (lambda: lora.merged_state_dict(self.model)) if self.is_lora else None
         save_model(self.model, dst, self.tokenizer_path, self.state_dict(), model_state=weights)
         self.last_checkpoint, self._last_saved_step = dst, self.step
         self.log.info(f"saved {dst} (step {self.step})")
