@@ -100,3 +100,42 @@ def test_convert_real_gsm8k(tmp_path, split, count):
     for i, r in enumerate(records):
         assert len(r["output"]) == 1 and "<<" not in r["output"][0] and "####" not in r["output"][0], i
         assert extract_answer(r["output"][0]) == r["label"], i
+
+
+def test_dev_split_is_fixed_disjoint_and_found_by_ppo(tmp_path):
+    from llama_rlhf.ppo.config import PPOConfig
+
+    src = _write_jsonl(tmp_path / "g.jsonl", [{"question": f"q{i}", "answer": f"#### {i}"} for i in range(10)])
+    assert convert_gsm8k(str(src), str(tmp_path / "a/train.json"), dev_size=3) == 7
+    again = tmp_path / "b"
+    convert_gsm8k(str(src), str(again / "train.json"), dev_size=3, dev_json=str(again / "held.json"))
+    train, dev = (load_records(tmp_path / "a" / f, ("label",)) for f in ("train.json", "dev.json"))
+    assert len(dev) == 3 and sorted(r["label"] for r in train + dev) == sorted(str(i) for i in range(10))
+    assert load_records(again / "held.json", ("label",)) == dev  # the same problems every time
+    assert [int(r["label"]) for r in dev] == sorted(int(r["label"]) for r in dev)  # file order kept
+    cfg = PPOConfig(actor_ckpt_dir=str(tmp_path), actor_save_dir=str(tmp_path / "o"),
+                    train_file=str(tmp_path / "a/train.json"))
+    assert cfg.heldout_file == str(tmp_path / "a/dev.json")  # PPO's held-out default is dev, not test
+    with pytest.raises(DataError, match="--dev_size 10"):
+        convert_gsm8k(str(src), str(tmp_path / "c/train.json"), dev_size=10)
+
+
+@pytest.mark.parametrize("text,strict,flexible", [
+    ("So 3 + 4 = 7. The answer is 7.", "7", "7"),
+    ("3 + 4 = 7, plus 1 is 8", None, "8"),
+    ("The answer is 12. Check: 12 - 2 = 10", "12", "10"),
+    ("#### 1,000", "1000", "1000"),
+])
+def test_strict_and_flexible_extraction(text, strict, flexible):
+    from llama_rlhf.tasks.gsm8k import extract_flexible, extract_strict
+    assert extract_strict(text) == strict and extract_flexible(text) == flexible
+
+
+@pytest.mark.skipif(not GSM8K.is_dir(), reason="../shared/datasets/gsm8k is absent")
+def test_convert_script_holds_out_500_dev_problems(tmp_path):
+    from tests.helpers import run_script
+    proc = run_script("dataset/convert_gsm8k.py", "--src", GSM8K / "train.jsonl", "--dst", tmp_path / "train.json")
+    assert proc.returncode == 0, proc.stderr
+    train, dev = (json.loads((tmp_path / f).read_text()) for f in ("train.json", "dev.json"))
+    assert (len(train), len(dev)) == (6973, 500)
+    assert not {r["instruction"] for r in train} & {r["instruction"] for r in dev}

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from .. import parallel
 from ..models import ModelArgs, build_model, read_args, write_params
+from ..records import write_json_atomic
 from ..tokenizers import load_tokenizer, save_tokenizer
 from .tables import CheckpointError, check_shapes
 
@@ -142,15 +143,16 @@ def _check_role(args: ModelArgs, role: Optional[str], ckpt_dir: str) -> None:
 
 def save_model(model: Optional[torch.nn.Module], dst: str, tokenizer_path: Optional[str] = None,
                state: Optional[dict] = None, model_state: Optional[Callable[[], dict]] = None,
-               writer_replica: Optional[int] = None) -> None:
+               writer_replica: Optional[int] = None, prompt: Optional[dict] = None) -> None:
     """Write the checkpoint dir `dst` atomically; every rank calls it.
 
     The TP ranks of one DP replica write the shards: `writer_replica` (None: every replica
     holds the model and replica 0 writes; give it when only some replicas hold the model,
     the others may pass `model` None). `model_state()` replaces `model.state_dict()` as the
     weights written (e.g. LoRA merged in); it is called on the writing replica only. `state`, if
-    given, goes to `state.RR.pth` of every rank. Files land in `dst.tmp`, which the writer's
-    TP rank 0 renames to `dst` once all ranks are done, so a crash leaves `dst` as it was."""
+    given, goes to `state.RR.pth` of every rank; `prompt` (a recorded prompt format) to
+    prompt.json. Files land in `dst.tmp`, which the writer's TP rank 0 renames to `dst` once
+    all ranks are done, so a crash leaves `dst` as it was."""
     writer = 0 if writer_replica is None else writer_replica
     if not 0 <= writer < parallel.dp_size():
         raise ValueError(f"save_model: writer_replica {writer} is not a replica (DP size {parallel.dp_size()})")
@@ -172,5 +174,7 @@ def save_model(model: Optional[torch.nn.Module], dst: str, tokenizer_path: Optio
     if lead:
         write_params(model.args, tmp)
         copy_tokenizer(tokenizer_path, tmp)
+        if prompt is not None:  # the prompt format trained with: later stages' default
+            write_json_atomic(prompt, os.path.join(tmp, "prompt.json"))
         _swap_in(tmp, dst)
     parallel.barrier()  # nobody reads or re-saves `dst` before it is in place

@@ -44,7 +44,7 @@ from ..log import get_logger
 from ..scoring import PairBatch, pair_batch
 from ..tasks.gsm8k import grade
 from ..records import DataError, load_records, write_json_atomic
-from .encoding import encode_prompt, encode_response, fit_length
+from .encoding import PLAIN, PromptFormat, encode_prompt, encode_response, fit_length
 
 KINDS = ("pairwise", "pointwise")
 
@@ -118,7 +118,7 @@ class PairDataset:
     samples for pointwise data."""
 
     def __init__(self, records: Sequence[dict], tokenizer, max_seq_len: Optional[int] = None,
-                 source: str = "train file"):
+                 source: str = "train file", fmt: PromptFormat = PLAIN):
         if not records:
             raise DataError(f"{source}: no records")
         self.source, self.max_seq_len = source, max_seq_len
@@ -128,12 +128,13 @@ class PairDataset:
         self.n_identical = self.n_truncated = self.n_empty_records = 0
         self.has_margin = False
         kinds = set()
-        cache: dict[str, list[int]] = {}
+        cache: dict[tuple, list[int]] = {}
 
         def resp(text: str) -> list[int]:
-            if text not in cache:
-                cache[text] = encode_response(tokenizer, text)
-            return cache[text]
+            key = (text, rec["instruction"]) if fmt.template == "chat" else (text,)  # a turn depends on its question
+            if key not in cache:
+                cache[key] = encode_response(tokenizer, text, fmt, rec["instruction"], prompt)
+            return cache[key]
 
         def fit(p: list[int], r: list[int]) -> tuple[list[int], list[int]]:
             p2, r2, cut = fit_length(p, r, max_seq_len, bos)
@@ -143,7 +144,7 @@ class PairDataset:
         for i, rec in enumerate(records):
             kind, fields = parse_record(rec, f"{source}: record {i}")
             kinds.add(kind)
-            prompt = encode_prompt(tokenizer, rec["instruction"])
+            prompt = encode_prompt(tokenizer, rec["instruction"], fmt)
             if kind == "pointwise":
                 p, r = fit(prompt, resp(fields["output"]))
                 self.points.append(Point(p, r, fields["label"]))
@@ -189,9 +190,10 @@ class PairDataset:
         return dataclasses.replace(b, margin=torch.tensor([p.margin for p in pairs]) if self.has_margin else None)
 
 
-def load_pair_dataset(path: str, tokenizer, max_seq_len: Optional[int] = None) -> PairDataset:
+def load_pair_dataset(path: str, tokenizer, max_seq_len: Optional[int] = None,
+                      fmt: PromptFormat = PLAIN) -> PairDataset:
     """Records of a JSON / JSONL file (errors name the file and record) -> PairDataset."""
-    return PairDataset(load_records(path, ("instruction",)), tokenizer, max_seq_len, source=str(path))
+    return PairDataset(load_records(path, ("instruction",)), tokenizer, max_seq_len, source=str(path), fmt=fmt)
 
 
 # ----------------------------------------------------------------------------- collation

@@ -25,7 +25,7 @@ from ..errors import UsageError
 from ..log import get_logger
 
 from ..records import DataError, load_records
-from .encoding import encode_prompt, encode_response
+from .encoding import PLAIN, PromptFormat, encode_prompt, encode_response
 
 REQUIRED = ("instruction", "output")
 
@@ -52,7 +52,7 @@ class SFTDataset:
     """Tokenised once up front: every (record, answer) pair, with truncation counted."""
 
     def __init__(self, records: Sequence[dict], tokenizer, max_seq_len: int, seed: int = 0,
-                 source: str = "train file"):
+                 source: str = "train file", fmt: PromptFormat = PLAIN):
         if max_seq_len < 2:
             raise UsageError(f"--max_seq_len must be >= 2, got {max_seq_len}")
         if not records:
@@ -66,10 +66,10 @@ class SFTDataset:
             missing = [k for k in REQUIRED if k not in rec]
             if missing:
                 raise DataError(f"{where}: record is missing key(s) {', '.join(missing)}")
-            prompt = encode_prompt(tokenizer, rec["instruction"])
+            prompt = encode_prompt(tokenizer, rec["instruction"], fmt)
             seqs = []
             for answer in _answers(rec, where):
-                seq = prompt + encode_response(tokenizer, answer)
+                seq = prompt + encode_response(tokenizer, answer, fmt, rec["instruction"], prompt)
                 self.n_sequences += 1
                 if len(seq) > self.max_seq_len + 1:
                     seq = seq[:self.max_seq_len + 1]
@@ -157,10 +157,11 @@ def pack(samples: Sequence[SFTSample], max_seq_len: int, pad_id: int) -> dict:
             "n_tokens": sum(len(s.tokens) for s in samples)}
 
 
-def load_sft_dataset(path: str, tokenizer, max_seq_len: int, seed: int = 0) -> SFTDataset:
+def load_sft_dataset(path: str, tokenizer, max_seq_len: int, seed: int = 0,
+                     fmt: PromptFormat = PLAIN) -> SFTDataset:
     """Records of a JSON / JSONL file (errors name the file and line) -> SFTDataset."""
     records = load_records(path, REQUIRED)
-    return SFTDataset(records, tokenizer, max_seq_len, seed, source=str(path))
+    return SFTDataset(records, tokenizer, max_seq_len, seed, source=str(path), fmt=fmt)
 
 
 def sft_collate_fn(dataset: SFTDataset, packing: bool = False):

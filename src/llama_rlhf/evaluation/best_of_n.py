@@ -6,8 +6,8 @@ first; the verifier must have the solver's TP size and tokenizer):
 
     results["best_of_n"] = rerank_with_verifier(verifier_ckpt_dir, results["items"], max_batch_size=...)
 
-Texts are re-encoded as training does (`format_prompt(instruction)` with BOS, then answer +
-EOS), so the verifier scores the same token sequences it was trained on.
+Texts are re-encoded as training does (data/encoding.py, in the prompt format the verifier
+checkpoint records), so the verifier scores the same token sequences it was trained on.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch
 from ..errors import UsageError
 from .. import parallel
 from ..checkpoint import load_model
-from ..data.encoding import encode_prompt, encode_response, fit_length
+from ..data.encoding import PLAIN, PromptFlags, PromptFormat, encode_prompt, encode_response, fit_length
 from ..data.pairs import results_items
 from ..log import get_logger
 from ..scoring import pair_batch, sequence_scores
@@ -30,7 +30,7 @@ from ..trainers.base import autocast
 
 @torch.no_grad()
 def score_samples(verifier, tokenizer, instructions: Sequence[str], samples: Sequence[Sequence[str]],
-                  max_batch_size: int = 64, reduce: str = "last") -> list[list[float]]:
+                  max_batch_size: int = 64, reduce: str = "last", fmt: PromptFormat = PLAIN) -> list[list[float]]:
     """Verifier score of every sample: `samples[i][k]` answers `instructions[i]`; returns the same
     nesting of floats. Every TP rank of a replica must call it with the same input (no DP split
     here: see `rerank_with_verifier`). Sequences longer than the model's max_seq_len lose
@@ -43,9 +43,9 @@ def score_samples(verifier, tokenizer, instructions: Sequence[str], samples: Seq
         raise ValueError("score_samples: the model has no reward head (a solver was given, a verifier is needed)")
     rows = []  # (i, k, prompt, response)
     for i, (ins, outs) in enumerate(zip(instructions, samples)):
-        prompt = encode_prompt(tokenizer, ins)
+        prompt = encode_prompt(tokenizer, ins, fmt)
         for k, text in enumerate(outs):
-            p, r, _ = fit_length(prompt, encode_response(tokenizer, text), verifier.args.max_seq_len,
+            p, r, _ = fit_length(prompt, encode_response(tokenizer, text, fmt, ins, prompt), verifier.args.max_seq_len,
                                  tokenizer.bos_id)
             rows.append((i, k, p, r))
     rows.sort(key=lambda x: -(len(x[2]) + len(x[3])))  # similar lengths share a batch
@@ -120,13 +120,15 @@ def rerank_with_verifier(verifier_ckpt_dir: str, items: Sequence[dict], max_batc
                          tokenizer_path: Optional[str] = None) -> dict:
     """Load the verifier of `verifier_ckpt_dir` (a solver dir is refused), score every item's
     samples (DP replicas take strided items), free the verifier and return `best_of_n_report`
-    (identical on every rank). `items` must be the same on every rank."""
+    (identical on every rank). `items` must be the same on every rank. Samples are encoded in
+    the prompt format the verifier was trained with (its prompt.json), never with exemplars."""
     items = results_items(list(items), "items")
     tokenizer = load_tokenizer(tokenizer_path or verifier_ckpt_dir)
     verifier = load_model(verifier_ckpt_dir, model_type, role="verifier").eval()
     mine = list(range(parallel.dp_rank(), len(items), parallel.dp_size()))
     local = score_samples(verifier, tokenizer, [items[i]["instruction"] for i in mine],
-                          [_samples(items[i]) for i in mine], max_batch_size, reduce)
+                          [_samples(items[i]) for i in mine], max_batch_size, reduce,
+                          PromptFlags().prompt_format(verifier_ckpt_dir))
     del verifier
     gc.collect()
     if torch.cuda.is_available():

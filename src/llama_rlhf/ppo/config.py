@@ -1,10 +1,12 @@
 """All PPO settings in one place; `ppo_train.py` only fills this in from flags."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
 from ..config import flag
+from ..data.encoding import PromptFlags, PromptFormat
 from ..errors import UsageError
 from .losses import KL_ESTIMATORS
 from .placement import STRATEGIES as PLACEMENTS
@@ -14,7 +16,7 @@ ESTIMATORS = ("gae", "grpo", "rloo")
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(PromptFlags):
     actor_ckpt_dir: str = flag(path="dir")
     actor_save_dir: str = flag()
     train_file: str = flag(path="file")
@@ -22,7 +24,7 @@ class PPOConfig:
     critic_save_dir: Optional[str] = None
     reward_model_ckpt_dir: Optional[str] = flag(None, path="dir")
     reference_ckpt_dir: Optional[str] = flag(None, path="dir")  # default: the actor's initial weights
-    label_file: Optional[str] = flag(None, path="file")  # held-out accuracy after each epoch
+    label_file: Optional[str] = flag(None, path="file")  # held-out accuracy; default: dev.json beside --train_file
     model_type: Optional[str] = None
     reward: str = flag("rm", choices=REWARDS)
     reduce: str = flag("last", choices=("last", "mean"))  # how the reward model scores a response
@@ -66,6 +68,20 @@ class PPOConfig:
     log_samples: int = 2
     placement: str = flag("flattening", choices=PLACEMENTS)  # which replicas hold which model (ppo/placement.py)
     placement_file: Optional[str] = flag(None, path="file")  # JSON replica sets, for --placement separation
+
+    @property
+    def prompt(self) -> PromptFormat:
+        """The actor's prompt format: the flags, else what --actor_ckpt_dir records."""
+        return self.prompt_format(self.actor_ckpt_dir)
+
+    @property
+    def heldout_file(self) -> Optional[str]:
+        """--label_file, else the converter's dev split beside --train_file (the test split is
+        for final numbers only), else None (no held-out accuracy)."""
+        if self.label_file:
+            return self.label_file
+        dev = os.path.join(os.path.dirname(os.path.abspath(self.train_file)), "dev.json")
+        return dev if os.path.isfile(dev) and not os.path.samefile(dev, self.train_file) else None
 
     @property
     def forward_batch_size(self) -> int:

@@ -102,14 +102,15 @@ def load_prompts(cfg: PPOConfig, tokenizer) -> tuple[list[dict], list[list[int]]
         for i, r in enumerate(records):
             if r.get("label") in (None, ""):
                 raise UsageError(f"{cfg.train_file}: record {i} has no 'label', needed by --reward {cfg.reward}")
-    prompts = [encode_prompt(tokenizer, r["instruction"]) for r in records]
+    fmt = cfg.prompt
+    prompts = [encode_prompt(tokenizer, r["instruction"], fmt) for r in records]
     return records, prompts
 
 
 def heldout_accuracy(cfg: PPOConfig, actor, tokenizer, part: Optional[tuple[int, int]] = None) -> float:
-    """Greedy accuracy of the actor on `--label_file`: replica `part[0]` of `part[1]` evaluating
+    """Greedy accuracy of the actor on `--label_file` (`cfg.heldout_file`): replica `part[0]` of `part[1]` evaluating
     the actor (default: every DP replica) takes every part[1]-th record; `actor` None adds 0."""
-    records = load_records(cfg.label_file, required=("instruction", "label"))
+    records = load_records(cfg.heldout_file, required=("instruction", "label"))
     index, count = part or (parallel.dp_rank(), parallel.dp_size())
     correct = 0
     if actor is not None:
@@ -117,7 +118,7 @@ def heldout_accuracy(cfg: PPOConfig, actor, tokenizer, part: Optional[tuple[int,
         actor.eval()
         texts = generate_texts(actor, tokenizer, [r["instruction"] for r in mine], max_new_tokens=cfg.max_new_tokens,
                                temperature=0.0, top_p=1.0, top_k=0, num_samples=1,
-                               max_batch_size=cfg.eval_max_batch_size, seed=cfg.seed)
+                               max_batch_size=cfg.eval_max_batch_size, seed=cfg.seed, fmt=cfg.prompt)
         correct = sum(is_correct(extract_answer(t[0]), r["label"]) for t, r in zip(texts, mine))
     return sum(parallel.all_gather_objects(correct)) / len(records)
 
@@ -144,11 +145,11 @@ def _save(cfg: PPOConfig, trainer: PPOTrainer, tokenizer_path: str, epoch: int, 
     if not flat:  # every shard's minibatch order, so any replica can resume any shard
         state["shards"] = [{"batch_order": g.get_state()} for g in trainer.batch_orders]
     save_model(m.actor, os.path.join(cfg.actor_save_dir, name), tokenizer_path, state=state,
-               model_state=lambda: merged_state_dict(m.actor),
+               model_state=lambda: merged_state_dict(m.actor), prompt=cfg.prompt.recorded(),
                writer_replica=None if flat else P.actor[0])
     if cfg.estimator == "gae" and cfg.critic_save_dir:
         save_model(m.critic, os.path.join(cfg.critic_save_dir, name), tokenizer_path,
-                   writer_replica=None if flat else P.critic[0])
+                   writer_replica=None if flat else P.critic[0], prompt=cfg.prompt.recorded())
 
 
 def _restore(trainer: PPOTrainer, resume_dir: Optional[str]) -> tuple[int, int]:
@@ -273,7 +274,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
             if cfg.save_rounds and trainer.round % cfg.save_rounds == 0 and position < end:
                 _save(cfg, trainer, cfg.actor_ckpt_dir, epoch, position)
         done = position >= end
-        if cfg.label_file:
+        if cfg.heldout_file:
             stats["heldout_accuracy"] = _heldout(cfg, trainer, trainer.tok)
             metrics.log(trainer.round, {"heldout_accuracy": stats["heldout_accuracy"], "epoch": epoch})
             log.info(f"epoch {epoch}: held-out accuracy {stats['heldout_accuracy']:.4f}")

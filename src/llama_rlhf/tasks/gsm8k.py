@@ -18,11 +18,15 @@ Everything the pipeline knows about the task lives here, in the order a sample g
    on their own (EOS dropped), which gives back the output text as trained. The synthetic
    task (data/synthetic.py) writes GSM8K-format records and shares this template.
 3. Answer extraction. The number after the last "the answer is" / "####", else the last
-   number in the text; normalised ("1,234.50" -> "1234.5").
+   number in the text; normalised ("1,234.50" -> "1234.5"). Evaluation also reports the two
+   conventions of the field separately: strict (a marker is required) and flexible (the last
+   number, whatever precedes it).
 4. Grading. Numeric equality with the label ("5" == "5.00"); `majority_vote` for K samples.
 """
 from __future__ import annotations
 
+import os
+import random
 import re
 from collections import Counter
 from decimal import Decimal, InvalidOperation
@@ -68,15 +72,23 @@ def normalize_number(s: str) -> str | None:
     return format(d.normalize(), "f")
 
 
-def extract_answer(text: str) -> str | None:
-    """The normalised final answer of a solution text, or None when it holds no number."""
+def extract_strict(text: str) -> str | None:
+    """The number right after the last "the answer is" / "####" marker, None without one."""
     markers = list(_MARKER.finditer(text))
-    if markers:
-        m = _NUMBER.search(text, markers[-1].end())
-        if m:
-            return normalize_number(m.group())
+    m = _NUMBER.search(text, markers[-1].end()) if markers else None
+    return normalize_number(m.group()) if m else None
+
+
+def extract_flexible(text: str) -> str | None:
+    """The last number of the text, None when it holds none."""
     numbers = _NUMBER.findall(text)
     return normalize_number(numbers[-1]) if numbers else None
+
+
+def extract_answer(text: str) -> str | None:
+    """The normalised final answer of a solution text: strict, else flexible; None without a number."""
+    strict = extract_strict(text)
+    return strict if strict is not None else extract_flexible(text)
 
 
 # ----------------------------------------------------------------------------- grading
@@ -127,9 +139,25 @@ def convert_record(record: dict, where: str) -> dict:
     return {"instruction": record["question"].strip(), "output": ["\n".join(lines)], "label": label}
 
 
-def convert_gsm8k(src_jsonl: str, dst_json: str) -> int:
-    """Convert `src_jsonl` and write `dst_json` atomically; returns the number of problems."""
+DEV_SEED = 0  # the dev split is the same on every machine and in every run
+
+
+def convert_gsm8k(src_jsonl: str, dst_json: str, dev_size: int = 0, dev_json: str | None = None) -> int:
+    """Convert `src_jsonl` and write `dst_json` atomically; returns the number of problems there.
+
+    `dev_size` > 0 holds that many problems out into `dev_json` (default: dev.json beside
+    `dst_json`), drawn with a fixed seed and kept in file order, for model selection and PPO's
+    held-out accuracy, so the test split is left for final numbers."""
     converted = [convert_record(record, where) for where, record in iter_records(src_jsonl)]
-    write_json_atomic(converted, dst_json)
-    get_logger(__name__).info(f"converted {len(converted)} GSM8K problems: {src_jsonl} -> {dst_json}")
-    return len(converted)
+    if not 0 <= dev_size < len(converted):
+        raise DataError(f"--dev_size {dev_size}: must be >= 0 and below the {len(converted)} problems of {src_jsonl}")
+    dev = set(random.Random(DEV_SEED).sample(range(len(converted)), dev_size))
+    train = [r for i, r in enumerate(converted) if i not in dev]
+    log = get_logger(__name__)
+    if dev:
+        dev_json = dev_json or os.path.join(os.path.dirname(os.path.abspath(dst_json)), "dev.json")
+        write_json_atomic([r for i, r in enumerate(converted) if i in dev], dev_json)
+        log.info(f"held out {len(dev)} GSM8K problems of {src_jsonl} -> {dev_json}")
+    write_json_atomic(train, dst_json)
+    log.info(f"converted {len(train)} GSM8K problems: {src_jsonl} -> {dst_json}")
+    return len(train)

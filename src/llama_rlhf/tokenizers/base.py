@@ -44,6 +44,12 @@ class Tokenizer(ABC):
         return None
 
     @property
+    def stop_ids(self) -> list[int]:
+        """Every id that ends a generated row: eos, plus what the model's generation config
+        lists (Llama-3's <|eot_id|>, Qwen's <|im_end|>), so chat replies stop at end of turn."""
+        return [self.eos_id] if self.eos_id >= 0 else []
+
+    @property
     def pad_id(self) -> int:
         pad = self.real_pad_id
         if pad is not None:
@@ -60,9 +66,9 @@ class Tokenizer(ABC):
         return [*ids, self.eos_id] if eos else ids
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of `ids` with bos/eos/pad dropped, and ids past the tokenizer's vocabulary too
+        """Text of `ids` with bos/eos/pad/stop ids dropped, and ids past the tokenizer's vocabulary too
         (a model's embedding is often padded beyond it, e.g. to split evenly across ranks)."""
-        special = {self.bos_id, self.eos_id, self.pad_id}
+        special = {self.bos_id, self.eos_id, self.pad_id, *self.stop_ids}
         n = self.vocab_size
         return self._decode([i for i in map(int, ids) if 0 <= i < n and i not in special])
 

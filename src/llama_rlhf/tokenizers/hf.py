@@ -1,6 +1,7 @@
 """Hugging Face `tokenizer.json` directories (Qwen, Llama-3), through transformers."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..errors import UsageError
@@ -51,6 +52,11 @@ class HFTokenizer(Tokenizer):
         return self.tok.pad_token_id
 
     @property
+    def stop_ids(self) -> list[int]:
+        listed = _generation_eos_ids(self.path / "generation_config.json")
+        return list(dict.fromkeys([self.eos_id, *listed]))
+
+    @property
     def vocab_size(self) -> int:
         return len(self.tok)  # includes added tokens, which are real ids
 
@@ -59,6 +65,25 @@ class HFTokenizer(Tokenizer):
         return {name: self.path / name for name in HF_FILES if (self.path / name).is_file()}
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        from jinja2 import TemplateError
+
         if not self.tok.chat_template:
             raise UsageError(f"{self.path}: tokenizer has no chat_template")
-        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        try:
+            return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        except TemplateError as e:  # e.g. Mistral's template refuses a system role
+            raise UsageError(f"{self.path}: the chat template refuses this conversation ({e})") from None
+
+
+def _generation_eos_ids(path: Path) -> list[int]:
+    """`eos_token_id` of a generation_config.json (an int or a list), [] without the file."""
+    if not path.is_file():
+        return []
+    try:
+        eos = json.loads(path.read_text()).get("eos_token_id")
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path}: unreadable generation config ({e})") from None
+    ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise UsageError(f"{path}: eos_token_id must be an int or a list of ints, got {eos!r}")
+    return ids

@@ -227,7 +227,8 @@ class Trainer:
     def save(self, name: str) -> str:
         dst = os.path.join(self.cfg.save_dir, name)
         weights = (lambda: lora.merged_state_dict(self.model)) if self.is_lora else None
-        save_model(self.model, dst, self.tokenizer_path, self.state_dict(), model_state=weights)
+        save_model(self.model, dst, self.tokenizer_path, self.state_dict(), model_state=weights,
+                   prompt=self.cfg.prompt_format(self.cfg.ckpt_dir).recorded())
         self.last_checkpoint, self._last_saved_step = dst, self.step
         self.log.info(f"saved {dst} (step {self.step})")
         return dst

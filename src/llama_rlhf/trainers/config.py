@@ -10,12 +10,13 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..config import flag
+from ..data.encoding import PromptFlags
 from ..errors import UsageError
 from .optim import SCHEDULES
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(PromptFlags):
     ckpt_dir: str = flag(path="dir")
     save_dir: str = flag()
     train_file: str = flag(path="file")

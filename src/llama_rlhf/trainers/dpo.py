@@ -164,8 +164,9 @@ def setup_dpo(cfg: DPOConfig) -> Trainer:
     """Load data and the reference, cache reference log-probs, free it, build the policy Trainer."""
     cfg.validate()
     model, tokenizer, tok_path = load_for_training(cfg, role="solver")
-    train = load_pair_dataset(cfg.train_file, tokenizer, cfg.max_seq_len)
-    held_out = load_pair_dataset(cfg.label_file, tokenizer, cfg.max_seq_len) if cfg.label_file else None
+    fmt = cfg.prompt_format(cfg.ckpt_dir)
+    train = load_pair_dataset(cfg.train_file, tokenizer, cfg.max_seq_len, fmt)
+    held_out = load_pair_dataset(cfg.label_file, tokenizer, cfg.max_seq_len, fmt) if cfg.label_file else None
     for ds, name in ((train, cfg.train_file), (held_out, cfg.label_file)):
         if ds is not None and ds.kind != "pairwise":
             raise UsageError(f"{name}: DPO needs pairwise records (instruction, chosen, rejected)")

@@ -50,7 +50,7 @@ def setup_sft(cfg: SFTConfig) -> Trainer:
     """Initialise the TP x DP world, load model + tokenizer + data and build the Trainer."""
     cfg.validate()
     model, tokenizer, tok_path = load_for_training(cfg, role="solver")
-    dataset = load_sft_dataset(cfg.train_file, tokenizer, cfg.max_seq_len, cfg.seed)
+    dataset = load_sft_dataset(cfg.train_file, tokenizer, cfg.max_seq_len, cfg.seed, cfg.prompt_format(cfg.ckpt_dir))
     if cfg.lora:
         apply_lora(model, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
         n_train = parallel.param_count(model, trainable_only=True)

@@ -190,8 +190,9 @@ def setup_verifier(cfg: VerifierConfig) -> VerifierTrainer:
     cfg.validate()
     objective = verifier_objective(cfg.loss, cfg.lm_coef, cfg.reduce)
     model, tokenizer, tok_path = load_for_training(cfg, role="solver")
-    train = load_pair_dataset(cfg.train_file, tokenizer, cfg.max_seq_len)
-    held_out = load_pair_dataset(cfg.label_file, tokenizer, cfg.max_seq_len) if cfg.label_file else None
+    fmt = cfg.prompt_format(cfg.ckpt_dir)
+    train = load_pair_dataset(cfg.train_file, tokenizer, cfg.max_seq_len, fmt)
+    held_out = load_pair_dataset(cfg.label_file, tokenizer, cfg.max_seq_len, fmt) if cfg.label_file else None
     if train.kind == "pointwise" and cfg.loss != "pointwise":
         raise UsageError(f"{cfg.train_file} holds pointwise records (output, label); they need --loss pointwise")
     attach_reward_head(model, cfg.seed)
