@@ -25,7 +25,7 @@ test: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests
 
 demo: $(STAMP)
-	$(BIN)/python -m llama_rlhf.demo $(if $(GSM8K),--gsm8k $(GSM8K),) $(DEMO_ARGS)
+	$(BIN)/python -m llama_rlhf.demo $(if $(MODEL),--model $(MODEL),) $(if $(GSM8K),--gsm8k $(GSM8K),) $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) runs

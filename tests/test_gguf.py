@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import gguf
 import numpy as np
@@ -193,14 +194,15 @@ def smollm2(tmp_path_factory):
     tok = load_tokenizer(dst)
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}])
     ids = torch.tensor([tok.encode(prompt)])
+    hf = hf_gguf_model(path)
     with torch.no_grad():
-        ref = hf_gguf_model(path)(ids).logits
+        ref = hf(ids).logits
         ours = load_model(str(dst)).eval()(ids)
-    return args, count, tok, ids, ours, ref
+    return SimpleNamespace(args=args, count=count, tok=tok, ids=ids, ours=ours, ref=ref, hf=hf, dst=dst, path=path)
 
 
 def test_smollm2_config_and_parameter_count(smollm2):
-    args, count, _, _, _, _ = smollm2
+    args, count = smollm2.args, smollm2.count
     assert (args.n_layers, args.dim, args.n_heads, args.n_kv_heads, args.hidden_dim, args.vocab_size) == \
         (30, 576, 9, 3, 1536, 49152)
     assert args.tie_word_embeddings and args.rope_theta == 100000.0
@@ -208,11 +210,64 @@ def test_smollm2_config_and_parameter_count(smollm2):
 
 
 def test_smollm2_logits_match_transformers(smollm2):
-    _, _, _, _, ours, ref = smollm2
-    assert (ours - ref).abs().max().item() <= 1e-4
+    assert (smollm2.ours - smollm2.ref).abs().max().item() <= 1e-4
 
 
 def test_smollm2_tokenizer_adds_no_bos(smollm2):
-    _, _, tok, ids, _, _ = smollm2
+    tok, ids = smollm2.tok, smollm2.ids
     assert tok.bos_id is None and tok.eos_id == 2  # <|im_end|> ends a turn; <|im_start|> is never prepended
     assert ids[0, 0].item() == 1 and ids[0].tolist().count(1) == 3  # <|im_start|> of system, user, assistant
+
+
+# Word problems written for this test, in GSM8K's style.
+QUESTIONS = ["A baker makes 12 loaves a day and sells 9 of them. How many loaves are left after 5 days?",
+             "Tom has 3 boxes of 24 crayons. He gives 17 crayons to his sister. How many crayons does he keep?",
+             "A train travels 60 miles an hour for 2.5 hours. How far does it go?",
+             "Sara saves $15 a week. How many weeks until she can buy a $120 bike?"]
+
+
+def _hf_chat_greedy(path: Path, hf, questions: list[str], max_new: int) -> tuple[list[list[int]], list[str]]:
+    """transformers' own path: the GGUF's tokenizer, apply_chat_template, generate, decode."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    prompts, texts = [], []
+    for q in questions:
+        ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=max_new, do_sample=False, pad_token_id=tok.eos_token_id,
+                          eos_token_id=tok.eos_token_id)[0, len(ids):].tolist()
+        prompts.append(ids)
+        texts.append(tok.decode(out, skip_special_tokens=True))
+    return prompts, texts
+
+
+def test_smollm2_chat_greedy_equals_hf_generate(smollm2, tmp_path):
+    """checkpoint_split of the GGUF, then solver_evaluate --template chat: the prompts are
+    transformers' apply_chat_template ids and the greedy answers its generate's, text for text."""
+    from llama_rlhf.data.encoding import PromptFormat, encode_prompt
+    from llama_rlhf.evaluation.evaluate import EvalConfig, evaluate
+
+    hf_prompts, hf_texts = _hf_chat_greedy(smollm2.path, smollm2.hf, QUESTIONS, 64)
+    assert [encode_prompt(smollm2.tok, q, PromptFormat("chat")) for q in QUESTIONS] == hf_prompts
+    (tmp_path / "q.json").write_text(json.dumps([{"instruction": q, "label": "0"} for q in QUESTIONS]))
+    res = evaluate(EvalConfig(str(smollm2.dst), str(tmp_path / "q.json"), str(tmp_path / "eval"), template="chat",
+                              max_new_tokens=64, max_batch_size=4))
+    assert [it["output"] for it in res["items"]] == hf_texts
+    assert sum(len(t) for t in hf_texts) > 100  # real answers, not empty strings
+
+
+def test_random_gguf_chat_greedy_equals_hf_generate(tiny):
+    """The same parity on the tiny random GGUF (Q8_0 / F16, untied): token ids, since random
+    weights emit tokens that do not decode to text."""
+    from llama_rlhf.data.encoding import PromptFormat, encode_prompt
+    from llama_rlhf.generation import generate
+
+    root = tiny[0]
+    hf = hf_gguf_model(root / "tiny.gguf")
+    tok = load_tokenizer(root / "tp1")
+    model = load_model(str(root / "tp1")).eval()
+    for q in ("the 1 a", "in the"):
+        ids = encode_prompt(tok, q, PromptFormat("chat"))
+        ref = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)[0, len(ids):].tolist()
+        assert generate(model, [ids], 12, -1).tokens[0] == ref

