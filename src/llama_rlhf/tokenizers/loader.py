@@ -15,6 +15,7 @@ from ..log import get_logger
 from .base import Tokenizer
 from .hf import HFTokenizer
 from .sp import SentencePieceTokenizer
+from .tiktoken_bpe import TiktokenTokenizer, is_tiktoken_file
 
 # Special ids of the SentencePiece models we train: Llama's layout (unk 0, bos 1, eos 2)
 # plus a real pad at 3, so padding never aliases eos and ids stay distinct.
@@ -23,25 +24,34 @@ _N_BYTE_PIECES = 256  # byte_fallback reserves one piece per byte value
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """A `.model` file, a `.gguf` (the tokenizer in its metadata), or a directory holding
-    tokenizer.json (preferred) or tokenizer.model."""
+    """A `.model` file (SentencePiece, or tiktoken text as Meta's Llama-3 ships), a `*.tiktoken`
+    file (Qwen-1), a `.gguf` (the tokenizer in its metadata), or a directory holding
+    tokenizer.json (preferred), tokenizer.model or one `*.tiktoken`."""
     p = Path(path)
     if not p.exists():
         raise MissingPathError(f"tokenizer not found: {p}")
     if p.is_file():
         if p.name == "tokenizer.json":
             return HFTokenizer(p.parent)
+        if p.suffix == ".tiktoken" or (p.suffix == ".model" and is_tiktoken_file(p)):
+            return TiktokenTokenizer(p)
         if p.suffix == ".model":
             return SentencePieceTokenizer(p)
         if p.suffix == ".gguf":
             return _gguf_tokenizer(p)
-        raise UsageError(f"{p}: not a tokenizer file (expected a SentencePiece .model, tokenizer.json or .gguf)")
+        raise UsageError(f"{p}: not a tokenizer file (expected a SentencePiece or tiktoken .model, a .tiktoken, "
+                         f"tokenizer.json or .gguf)")
     # HF directories of Llama-2/Mistral hold both files; tokenizer.json also brings the chat template.
     if (p / "tokenizer.json").is_file():
         return HFTokenizer(p)
     if (p / "tokenizer.model").is_file():
-        return SentencePieceTokenizer(p / "tokenizer.model")
-    raise MissingPathError(f"{p}: directory holds neither tokenizer.json nor tokenizer.model")
+        return load_tokenizer(p / "tokenizer.model")  # SentencePiece or tiktoken, by its content
+    bpe = sorted(p.glob("*.tiktoken"))
+    if len(bpe) > 1:
+        raise UsageError(f"{p}: several *.tiktoken files ({', '.join(f.name for f in bpe)}); name one")
+    if bpe:
+        return TiktokenTokenizer(bpe[0])
+    raise MissingPathError(f"{p}: directory holds neither tokenizer.json nor tokenizer.model nor a *.tiktoken")
 
 
 def _gguf_tokenizer(path: Path) -> HFTokenizer:
@@ -68,9 +78,10 @@ def _copy_atomic(src: Path, dst: Path) -> None:
 def save_tokenizer(tok: Tokenizer, dst_dir: str | os.PathLike) -> list[Path]:
     """Copy `tok`'s files into `dst_dir` (e.g. a checkpoint) so `load_tokenizer(dst_dir)` gives it back."""
     dst = Path(dst_dir)
-    if isinstance(tok, SentencePieceTokenizer) and (dst / "tokenizer.json").is_file():
+    if isinstance(tok, (SentencePieceTokenizer, TiktokenTokenizer)) and (dst / "tokenizer.json").is_file():
         # load_tokenizer prefers tokenizer.json, so the copied model would be silently ignored.
-        raise UsageError(f"{dst}: already holds a tokenizer.json; refusing to add a different tokenizer.model")
+        raise UsageError(f"{dst}: already holds a tokenizer.json; refusing to add a different "
+                         f"{next(iter(tok.files))}")
     dst.mkdir(parents=True, exist_ok=True)
     written = []
     for name, src in tok.files.items():
