@@ -17,11 +17,11 @@ from .. import gguf
 from ..config import flag
 from ..log import get_logger
 from ..models import ModelArgs, parameter_count, read_args, write_params
-from ..models.args import ConfigError, args_from_params, family_of, hf_config_from_args
+from ..models.args import ConfigError, family_of, hf_config_from_args
 from ..tokenizers import Tokenizer, load_tokenizer, save_tokenizer
-from .io import atomic_torch_save, commit_dir, copy_tokenizer, find_tokenizer, read_state_dict, shard_files
-from .tables import (CheckpointError, check_shapes, expected_shapes, hf_to_meta, is_hf_keys, merge_state_dicts,
-                     meta_to_hf, split_state_dict)
+from .io import atomic_torch_save, commit_dir, copy_tokenizer, dir_args, find_tokenizer, read_state_dict, shard_files
+from .tables import (CheckpointError, check_shapes, drop_vocab_padding, expected_shapes, hf_to_meta, is_hf_keys,
+                     merge_state_dicts, meta_to_hf, split_state_dict)
 
 
 def _hf_dir_state(src: str) -> dict[str, torch.Tensor]:
@@ -40,29 +40,13 @@ def _hf_dir_state(src: str) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _args_for(folder: str, model_type: Optional[str], sd: dict) -> ModelArgs:
-    """Config of a source: params.json / config.json beside it, else the --model_type preset."""
-    params = os.path.join(folder, "params.json")
-    if os.path.exists(params):
-        with open(params) as f:
-            raw = json.load(f)
-        if raw.get("vocab_size", -1) <= 0 and "tok_embeddings.weight" in sd:
-            raw["vocab_size"] = sd["tok_embeddings.weight"].shape[0]  # Meta writes -1
-        expected = family_of(model_type) if model_type else None
-        args = args_from_params(raw, params, family=expected)
-        if expected and args.family != expected:
-            raise ConfigError(f"{params} describes a {args.family} model but --model_type {model_type} is {expected}")
-        return args
-    return read_args(folder, model_type)
-
-
 def load_source(src: str, model_type: Optional[str] = None) -> tuple[dict, ModelArgs]:
     """Full (unsharded, Meta-keyed) state dict and config from any supported source."""
     if not os.path.exists(src):
         raise CheckpointError(f"--ckpt_file {src}: no such file or directory")
     if os.path.isdir(src) and shard_files(src):
         shards = [read_state_dict(p) for p in shard_files(src)]
-        args = _args_for(src, model_type, shards[0])
+        args = dir_args(src, model_type, shards[0], len(shards))
         sd = merge_state_dicts(shards, args)
     elif os.path.isdir(src):
         sd = _hf_dir_state(src)
@@ -76,7 +60,7 @@ def load_source(src: str, model_type: Optional[str] = None) -> tuple[dict, Model
             raise ConfigError(f"{src} is a {args.family} GGUF but --model_type {model_type} is {family_of(model_type)}")
     else:
         sd = read_state_dict(src)
-        args = _args_for(os.path.dirname(os.path.abspath(src)), model_type, sd)
+        args = dir_args(os.path.dirname(os.path.abspath(src)), model_type, sd)
     if is_hf_keys(sd):
         sd = hf_to_meta(sd, args)
     if args.tie_word_embeddings:
@@ -114,7 +98,7 @@ def special_token_ids(tok: Tokenizer) -> dict[str, Optional[int]]:
 def save_hf(sd: dict, args: ModelArgs, dst: str, tokenizer_path: Optional[str] = None,
             overwrite: bool = False) -> None:
     """Full state dict -> an HF directory that `transformers` loads directly."""
-    hf = {k: v.contiguous() for k, v in meta_to_hf(sd, args).items()}
+    hf = {k: v.contiguous() for k, v in meta_to_hf(drop_vocab_padding(sd, args), args).items()}
     if args.tie_word_embeddings:  # HF keeps one copy of a tied weight (safetensors refuses shared storage)
         hf.pop("lm_head.weight", None)
     tok = load_tokenizer(tokenizer_path) if tokenizer_path else None

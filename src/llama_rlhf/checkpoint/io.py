@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import filecmp
 import glob
+import json
 import os
 import shutil
 from typing import Any, Callable, Optional
@@ -18,9 +19,10 @@ from safetensors.torch import load_file
 
 from .. import parallel
 from ..models import ModelArgs, build_model, read_args, write_params
+from ..models.args import ConfigError, args_from_params, family_of
 from ..records import write_json_atomic
 from ..tokenizers import load_tokenizer, save_tokenizer
-from .tables import CheckpointError, check_shapes
+from .tables import CheckpointError, check_shapes, is_meta_embedding_shard, split_tensor
 
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -49,7 +51,8 @@ def find_tokenizer(src: str) -> Optional[str]:
     for name in ("tokenizer.model", "tokenizer.json"):
         if os.path.exists(os.path.join(folder, name)):
             return os.path.join(folder, name) if name.endswith(".model") else folder
-    return None
+    tiktoken = sorted(glob.glob(os.path.join(folder, "*.tiktoken")))  # Qwen-1's qwen.tiktoken
+    return tiktoken[0] if len(tiktoken) == 1 else None
 
 
 def _same_dir(a: str, b: str) -> bool:
@@ -110,26 +113,80 @@ def commit_dir(write: Callable[[str], None], dst: str, overwrite: bool = False) 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def dir_args(folder: str, model_type: Optional[str], sd: dict, n: int = 1) -> ModelArgs:
+    """The config of the checkpoint in `folder`: its params.json, else config.json / the
+    `model_type` preset. Meta's params.json says vocab_size -1: the size is then read off
+    tok_embeddings.weight in `sd`, one of the `n` shards (Meta's split the embedding on the
+    model dim, so each holds every vocabulary row; a vocabulary-split one holds 1/n of them)."""
+    params = os.path.join(folder, "params.json")
+    if not os.path.exists(params):
+        return read_args(folder, model_type)
+    try:
+        with open(params) as f:
+            raw = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{params}: cannot read config: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{params}: expected a JSON object, got {type(raw).__name__}")
+    emb = sd.get("tok_embeddings.weight")
+    if raw.get("vocab_size", -1) <= 0 and emb is not None and emb.dim() == 2:
+        split_on_vocab = n > 1 and emb.shape[1] == raw.get("dim")
+        raw = {**raw, "vocab_size": emb.shape[0] * (n if split_on_vocab else 1)}
+    expected = family_of(model_type) if model_type else None
+    args = args_from_params(raw, params, family=expected)
+    if expected and args.family != expected:
+        raise ConfigError(f"{params} describes a {args.family} model but --model_type {model_type} is {expected}")
+    return args
+
+
 def load_model(ckpt_dir: str, model_type: Optional[str] = None, device=None, dtype: torch.dtype = torch.float32,
                role: Optional[str] = None):
     """Build the model of `ckpt_dir` and load this TP rank's shard.
 
+    Meta's own Llama-1/2 shards load directly at their TP (see `_vocab_split_embedding`).
     `role` "solver" / "verifier" refuses the other kind with a clear error.
     """
     files = shard_files(ckpt_dir)
     if not files:
         raise CheckpointError(f"--ckpt_dir {ckpt_dir}: no consolidated.NN.pth files "
                               f"(run checkpoint_split.py first)")
-    tp = parallel.tp_size()
+    tp, rank = parallel.tp_size(), parallel.tp_rank()
     if len(files) != tp:
         raise CheckpointError(f"--ckpt_dir {ckpt_dir} has {len(files)} shards but tensor parallel size is {tp}")
-    args = read_args(ckpt_dir, model_type)
+    sd = read_state_dict(files[rank])
+    args = dir_args(ckpt_dir, model_type, sd, tp)
     _check_role(args, role, ckpt_dir)
-    sd = read_state_dict(files[parallel.tp_rank()])
+    emb = sd.get("tok_embeddings.weight")
+    if emb is not None and emb.dim() == 2 and is_meta_embedding_shard(emb, args, tp):
+        sd = _vocab_split_embedding(sd, files, args, rank)
     model = build_model(args, device or parallel.device(), dtype)
-    check_shapes(sd, {k: tuple(v.shape) for k, v in model.state_dict().items()}, files[parallel.tp_rank()])
+    check_shapes(sd, {k: tuple(v.shape) for k, v in model.state_dict().items()}, files[rank])
     model.load_state_dict(sd, strict=True, assign=False)
     return model
+
+
+def _vocab_split_embedding(sd: dict, files: list[str], args: ModelArgs, rank: int) -> dict:
+    """`sd` with Meta's model-dim embedding shard replaced by this rank's vocabulary slice.
+
+    Meta's shards split tok_embeddings on the model dim (fairscale ParallelEmbedding); ours split
+    it on the vocabulary, which tying needs. Rather than a second embedding layout in the model,
+    each rank reads the embedding columns of every shard (memory-mapped, so only those bytes:
+    vocab x dim values, small beside the rank's share of the layers) and keeps its vocabulary
+    rows, padded exactly as a split pads them. No process group is involved."""
+    key = "tok_embeddings.weight"
+    cols = []
+    for i, path in enumerate(files):
+        part = sd[key] if i == rank else read_state_dict(path).get(key)
+        if part is None or part.dim() != 2 or part.shape[0] != sd[key].shape[0]:
+            shape = None if part is None else tuple(part.shape)
+            raise CheckpointError(f"{path}: {key} of shape {shape} does not match {files[rank]}'s "
+                                  f"{tuple(sd[key].shape)} (Meta layout: every shard holds all vocabulary rows)")
+        cols.append(part)
+    out = dict(sd)
+    out[key] = split_tensor(key, torch.cat(cols, dim=1), len(files))[rank].clone()
+    if args.tie_word_embeddings:
+        out["output.weight"] = out[key]
+    return out
 
 
 def _check_role(args: ModelArgs, role: Optional[str], ckpt_dir: str) -> None:

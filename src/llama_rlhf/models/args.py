@@ -61,9 +61,11 @@ class ModelArgs:
         return dataclasses.asdict(self)
 
     def check_tp(self, tp: int) -> None:
-        """Tensor parallelism splits heads, KV heads, FFN width and vocab."""
+        """Tensor parallelism splits heads, KV heads and FFN width, which it must divide. The
+        vocabulary is split too, at any TP: the shards pad it (`parallel.padded_vocab`), and
+        `vocab_size` stays the real size."""
         for name, value in (("n_heads", self.n_heads), ("n_kv_heads", self.n_kv_heads),
-                            ("hidden_dim", self.hidden_dim), ("vocab_size", self.vocab_size)):
+                            ("hidden_dim", self.hidden_dim)):
             if value % tp:
                 raise ConfigError(f"tensor parallel size {tp} does not divide {name}={value}")
 
@@ -132,8 +134,10 @@ _FAMILY_HF = {"llama": ("llama", "LlamaForCausalLM"), "mistral": ("mistral", "Mi
 
 def args_from_hf_config(cfg: dict, source: str = "config.json") -> ModelArgs:
     hf_type = cfg.get("model_type")
+    if hf_type == "qwen":  # Qwen-1 (QWenLMHeadModel): its own config field names
+        return _args_from_qwen1_config(cfg, source)
     if hf_type not in _HF_FAMILY:
-        raise ConfigError(f"{source}: unsupported model_type {hf_type!r}; supported: {list(_HF_FAMILY)}")
+        raise ConfigError(f"{source}: unsupported model_type {hf_type!r}; supported: {[*_HF_FAMILY, 'qwen']}")
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
     scaling = None
@@ -151,6 +155,34 @@ def args_from_hf_config(cfg: dict, source: str = "config.json") -> ModelArgs:
         n_experts_per_tok=cfg.get("num_experts_per_tok", 2),
         sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", family in ("mistral", "mixtral")) else None,
         head_dim=cfg.get("head_dim"),
+    )
+
+
+_QWEN1_REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+
+
+def _args_from_qwen1_config(cfg: dict, source: str) -> ModelArgs:
+    """Qwen-1 is a Qwen2 without GQA: the same model here (family "qwen", q/k/v bias), only named
+    differently. Its `intermediate_size` counts both MLP inputs (w1 and w2), so the FFN width is
+    half of it. Past `seq_length` Qwen-1 switches on dynamic NTK rope and log-n attention scaling,
+    which this model does not have, so `seq_length` is the longest sequence it is exact for."""
+    missing = [k for k in _QWEN1_REQUIRED if k not in cfg]
+    if missing:
+        raise ConfigError(f"{source}: Qwen-1 config lacks {', '.join(missing)}")
+    heads, dim = cfg["num_attention_heads"], cfg["hidden_size"]
+    if cfg.get("rotary_pct", 1.0) != 1.0:
+        raise ConfigError(f"{source}: rotary_pct {cfg['rotary_pct']} (partial rotary) is not supported")
+    if not cfg.get("no_bias", True):
+        raise ConfigError(f"{source}: no_bias false (biased c_proj and MLP) is not supported")
+    if cfg["intermediate_size"] % 2 or cfg.get("kv_channels", dim // heads) * heads != dim:
+        # c_attn is split into thirds of hidden_size and the MLP into halves: anything else is no Qwen-1
+        raise ConfigError(f"{source}: intermediate_size {cfg['intermediate_size']} must be even and kv_channels "
+                          f"x num_attention_heads must equal hidden_size {dim}")
+    return ModelArgs(
+        family="qwen", dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=heads, vocab_size=cfg["vocab_size"],
+        hidden_dim=cfg["intermediate_size"] // 2, norm_eps=cfg.get("layer_norm_epsilon", 1e-6),
+        rope_theta=float(cfg.get("rotary_emb_base", 10000.0)), max_seq_len=cfg.get("seq_length", 2048),
+        qkv_bias=True, tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
     )
 
 

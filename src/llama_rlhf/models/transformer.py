@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..parallel import column_parallel_linear, row_parallel_linear, tp_size, vocab_parallel_embedding
+from ..parallel import (column_parallel_linear, row_parallel_linear, tp_size, vocab_parallel_embedding,
+                        vocab_parallel_output)
 from .args import ModelArgs
 
 
@@ -137,6 +138,9 @@ class TransformerBlock(nn.Module):
 class Transformer(nn.Module):
     """tokens [B, T] -> logits [B, T, V] (full vocabulary on every TP rank, as in Meta's reference).
 
+    V is `args.vocab_size`, the real vocabulary, at any TP: the rows a TP split pads the
+    embedding / output weight with live inside `parallel` and never reach the logits.
+
     A verifier / critic (`args.reward_head > 0`) also has `reward_head`, applied by `values()`.
     """
 
@@ -146,7 +150,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = vocab_parallel_embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = column_parallel_linear(args.dim, args.vocab_size, gather_output=True)
+        self.output = vocab_parallel_output(args.dim, args.vocab_size)  # logits of the real vocab only
         if args.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
         if args.reward_head:

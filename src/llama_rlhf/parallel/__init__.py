@@ -8,7 +8,8 @@ from .state import (
     all_gather_objects, barrier, device, dp_all_reduce, dp_group, dp_rank, dp_size, init, is_distributed,
     is_main, rank, tp_group, tp_rank, tp_size, world_size, autocast_dtype,
 )
-from .layers import column_parallel_linear, row_parallel_linear, vocab_parallel_embedding
+from .layers import (column_parallel_linear, padded_vocab, row_parallel_linear, vocab_parallel_embedding,
+                     vocab_parallel_output)
 from .grads import (
     all_reduce_grads, clip_grad_norm, copy_to_tp, grad_norm, is_tp_sharded, param_count, reduce_from_tp, scale_grads,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "all_gather_objects", "barrier", "device", "dp_all_reduce", "dp_group", "dp_rank", "dp_size", "init",
     "is_distributed", "is_main", "rank", "tp_group", "tp_rank", "tp_size", "world_size",
     "autocast_dtype", "column_parallel_linear", "row_parallel_linear", "vocab_parallel_embedding",
+    "vocab_parallel_output", "padded_vocab",
     "all_reduce_grads", "clip_grad_norm", "copy_to_tp", "grad_norm", "is_tp_sharded", "param_count",
     "reduce_from_tp", "scale_grads", "ReplicaGroups", "all_gather_ranks", "all_reduce_grads_over",
     "broadcast_params", "gather_objects", "member",

@@ -46,11 +46,14 @@ def param_count(model: nn.Module, exclude: Iterable[str] = (), trainable_only: b
     """Parameters of the *whole* model (sharded ones counted across TP ranks, tied ones once);
     names containing any of `exclude` are skipped."""
     sharded = is_tp_sharded(model)
+    # Vocabulary pad rows (parallel.layers.padded_vocab) are no parameters of the model.
+    pad = {id(m.weight): m.vocab_pad_rows * m.weight.shape[1]
+           for m in model.modules() if getattr(m, "vocab_pad_rows", 0)}
     n = 0
     for name, p in model.named_parameters():  # named_parameters de-duplicates tied weights
         if any(e in name for e in exclude) or (trainable_only and not p.requires_grad):
             continue
-        n += p.numel() * (tp_size() if sharded[id(p)] else 1)
+        n += p.numel() * (tp_size() if sharded[id(p)] else 1) - pad.get(id(p), 0)
     return n
 
 
