@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -101,6 +102,13 @@ PROFILES = {"tiny": {}, "smollm2": dict(
     max_seq_len=192)}
 
 
+def _free_port() -> int:
+    """A port nobody listens on now, so two demos (or a demo and a test run) never collide."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 class Pipeline:
     def __init__(self, cfg: DemoConfig):
         self.cfg = cfg
@@ -114,7 +122,7 @@ class Pipeline:
     def torchrun(self, stage: str, script: str, **flags) -> None:
         """Run one entry script under torchrun; its output goes to runs/.../logs/STAGE.log."""
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={self.cfg.nproc}",
-               "--master_port", str(29500 + self.cfg.seed % 100), os.path.join(ROOT, script)]
+               "--master_port", str(_free_port()), os.path.join(ROOT, script)]
         for k, v in flags.items():
             cmd += [f"--{k}", str(v)]
         self._run(stage, cmd)
