@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from llama_rlhf.checkpoint import load_model, load_source, save_meta
-from llama_rlhf.generation import generate, sample_next
+from llama_rlhf.errors import UsageError
+from llama_rlhf.generation import _row_key, _uniforms, generate, sample_next
 from tests.helpers import ROOT, tiny_hf_model, torchrun
 
 FAMILIES = {"llama": "llama-tiny", "qwen": "qwen-tiny"}
@@ -142,3 +143,181 @@ def test_max_seq_len_caps_rows_and_finished_rows_leave_the_batch(cases):
     full = generate(m, [prompts[2]], NEW, eos_id=-1, max_seq_len=17)
     assert full.tokens == [[]] and full.finish_reasons == ["length"]
     assert generate(m, [], NEW, eos_id=-1).tokens == []
+
+
+# ---------------------------------------------------------------- continuous batching
+
+MANY = (3, 5, 8, 11, 13, 15, 17, 19, 20, 22)  # 10 prompt lengths
+SEQ = 24  # budgets min(NEW, SEQ - len): 12 ... 2 tokens, so rows also end at different steps
+
+
+def _many_prompts(vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(11)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in MANY]
+
+
+def _common_token(outs: list[list[int]]) -> int:
+    """The token that starts the most rows' tails: as EOS it ends rows at different steps."""
+    firsts = [t for toks in outs for t in dict.fromkeys(toks[:8])]
+    return max(set(firsts), key=firsts.count)
+
+
+def _assert_fresh_logprobs(model, prompts, out, num_samples: int = 1) -> None:
+    for j, (toks, lps) in enumerate(zip(out.tokens, out.logprobs)):
+        p = prompts[j // num_samples]
+        if not toks:
+            continue
+        with torch.no_grad():
+            logits = model(torch.tensor([p + toks]))[0, len(p) - 1:-1]
+        ref = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(toks)[:, None])[:, 0]
+        assert (ref - torch.tensor(lps)).abs().max().item() <= 1e-4
+
+
+def test_three_slots_serving_ten_prompts_equal_each_prompt_alone(cases):
+    c = cases["llama"]
+    m = c["model"]
+    prompts = _many_prompts(m.args.vocab_size)
+    eos = _common_token(generate(m, prompts, NEW, eos_id=-1, max_seq_len=SEQ).tokens)
+    alone = [generate(m, [p], NEW, eos_id=eos, max_seq_len=SEQ, max_batch=1) for p in prompts]
+    out = generate(m, prompts, NEW, eos_id=eos, max_seq_len=SEQ, max_batch=3)
+    assert out.tokens == [a.tokens[0] for a in alone]
+    assert out.finish_reasons == [a.finish_reasons[0] for a in alone]
+    # The rows really do finish at different steps, both on EOS and on their budgets.
+    assert len({len(t) for t in out.tokens}) >= 5
+    assert {"eos", "length"} <= set(out.finish_reasons)
+    assert all(t[-1] == eos for t, r in zip(out.tokens, out.finish_reasons) if r == "eos")
+    _assert_fresh_logprobs(m, prompts, out)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("max_batch", [1, 2])
+def test_greedy_matches_hf_whatever_max_batch_and_order(cases, family, max_batch):
+    c = cases[family]
+    order = [2, 0, 1]
+    out = generate(c["model"], [c["prompts"][i] for i in order], NEW, eos_id=-1, max_batch=max_batch)
+    assert out.tokens == [c["refs"][i] for i in order]
+
+
+def test_samples_do_not_depend_on_the_batch_layout(cases):
+    c = cases["llama"]
+    m = c["model"]
+    prompts = _many_prompts(m.args.vocab_size)
+    kw = dict(temperature=1.0, top_p=0.9, seed=4, max_seq_len=SEQ)
+    eos = _common_token(generate(m, prompts, NEW, eos_id=-1, **kw).tokens)
+    runs = [generate(m, prompts, NEW, eos_id=eos, max_batch=b, **kw) for b in (1, 3, len(prompts))]
+    assert runs[0].tokens == runs[1].tokens == runs[2].tokens
+    assert runs[0].finish_reasons == runs[1].finish_reasons == runs[2].finish_reasons
+    assert len({len(t) for t in runs[0].tokens}) >= 5
+    # Prompt i's samples depend on (seed, i), not on the other prompts of the call.
+    assert generate(m, prompts[4:7], NEW, eos_id=eos, **kw).tokens != runs[0].tokens[4:7]  # other indices
+    other = generate(m, prompts, NEW, eos_id=eos, max_batch=3, **{**kw, "seed": 5})
+    assert other.tokens != runs[0].tokens
+    _assert_fresh_logprobs(m, prompts, runs[1])
+
+
+@pytest.mark.parametrize("max_batch", [1, 2, 4, None])
+def test_num_samples_prefill_once_and_sample_per_row(cases, max_batch, monkeypatch):
+    import llama_rlhf.generation as generation
+
+    c = cases["llama"]
+    m, prompts, K = c["model"], c["prompts"], 3
+    kw = dict(temperature=1.0, seed=2, num_samples=K)
+    prefilled: list[int] = []
+    block = generation._Engine._prefill_block
+    monkeypatch.setattr(generation._Engine, "_prefill_block",
+                        lambda self, todo, *a: (prefilled.extend(todo), block(self, todo, *a))[1])
+    out = generate(m, prompts, NEW, eos_id=-1, max_batch=max_batch, **kw)
+    assert prefilled == [0, 1, 2]  # each prompt once, even when its samples enter at different steps
+    assert len(out.tokens) == len(prompts) * K
+    assert out.tokens == generate(m, prompts, NEW, eos_id=-1, max_batch=len(prompts) * K, **kw).tokens
+    for i in range(len(prompts)):  # the K samples of one prompt differ from each other
+        assert len({tuple(t) for t in out.tokens[i * K:(i + 1) * K]}) == K
+    _assert_fresh_logprobs(m, prompts, out, K)
+    greedy = generate(m, prompts, NEW, eos_id=-1, num_samples=2, max_batch=max_batch)
+    assert greedy.tokens == [r for r in c["refs"] for _ in range(2)]  # copies of one prefill continue alike
+
+
+def test_eos_id_may_be_a_list_and_stop_strings_still_work_with_slots(cases):
+    c = cases["llama"]
+    m, prompts, refs = c["model"], c["prompts"], c["refs"]
+    a, b = refs[0][5], refs[2][2]
+    out = generate(m, prompts, NEW, eos_id=[a, b], max_batch=2)
+    for toks, ref, reason in zip(out.tokens, refs, out.finish_reasons):
+        ends = [k for k, t in enumerate(ref) if t in (a, b)]
+        assert (toks, reason) == ((ref[:ends[0] + 1], "eos") if ends else (ref, "length"))
+    for off in ([], [-1], -1):
+        assert generate(m, prompts, NEW, eos_id=off, max_batch=2).tokens == refs
+    stop = f"<{refs[1][4]}>"
+    out = generate(m, prompts, NEW, eos_id=-1, stop_strings=[stop], tokenizer=_Tok(), max_batch=1)
+    assert out.tokens == generate(m, prompts, NEW, eos_id=-1, stop_strings=[stop], tokenizer=_Tok()).tokens
+    assert "stop" in out.finish_reasons
+
+
+def test_progress_counts_every_row_and_bad_arguments_are_usage_errors(cases):
+    c = cases["llama"]
+    m, prompts = c["model"], c["prompts"]
+    seen: list[int] = []
+    generate(m, prompts + [prompts[2]], NEW, eos_id=-1, max_seq_len=17, num_samples=2, max_batch=3,
+             progress=seen.append)  # the two 17-token prompts have no room: empty rows, counted too
+    assert sum(seen) == 8
+    with pytest.raises(UsageError, match="num_samples"):
+        generate(m, prompts, NEW, eos_id=-1, num_samples=0)
+    with pytest.raises(UsageError, match="max_batch"):
+        generate(m, prompts, NEW, eos_id=-1, max_batch=0)
+
+
+def test_row_uniforms_are_uniform_and_sampling_follows_the_distribution():
+    keys = torch.tensor([_row_key(7, i, k) for i in range(2000) for k in range(5)])
+    for t in (0, 1, 50):
+        u = _uniforms(keys, torch.full_like(keys, t))
+        counts = torch.histc(u, bins=10, min=0.0, max=1.0)
+        assert ((counts - 1000).abs() < 150).all(), counts
+        assert 0.0 <= u.min().item() and u.max().item() < 1.0
+    assert _row_key(7, 1, 0) != _row_key(7, 0, 1) != _row_key(8, 0, 1)
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    u = _uniforms(keys, torch.zeros_like(keys))
+    picked = sample_next(torch.log(probs).repeat(len(keys), 1), 1.0, 1.0, 0, u)
+    freq = torch.bincount(picked, minlength=4).float() / len(keys)
+    assert (freq - probs).abs().max().item() < 0.02
+
+
+@pytest.fixture(scope="module")
+def windowed(tmp_path_factory):
+    hf, args = tiny_hf_model("mistral-tiny", sliding_window=6)
+    root = tmp_path_factory.mktemp("mistral")
+    hf.save_pretrained(root / "hf")
+    sd, args = load_source(str(root / "hf"))
+    save_meta(sd, args, str(root / "tp1"), n=1)
+    return load_model(str(root / "tp1")).eval()
+
+
+def test_sliding_window_slots_equal_a_fresh_forward(windowed):
+    m = windowed
+    assert m.args.sliding_window == 6
+    prompts = _many_prompts(m.args.vocab_size)[:5]
+    out = generate(m, prompts, NEW, eos_id=-1, max_batch=2)
+    assert out.tokens == generate(m, prompts, NEW, eos_id=-1, max_batch=1).tokens
+    for p, toks in zip(prompts, out.tokens):  # greedy: every token is the argmax of a fresh forward
+        with torch.no_grad():
+            logits = m(torch.tensor([p + toks]))[0, len(p) - 1:-1]
+        assert logits.argmax(-1).tolist() == toks
+    _assert_fresh_logprobs(m, prompts, out)
+
+
+def test_finish_codes_read_every_few_steps_give_the_same_rows(cases, monkeypatch):
+    """The accelerator schedule (finished rows seen only every k-th step, idling meanwhile) on CPU."""
+    import llama_rlhf.generation as generation
+
+    c = cases["llama"]
+    m = c["model"]
+    prompts = _many_prompts(m.args.vocab_size)
+    kw = dict(temperature=1.0, seed=3, max_seq_len=SEQ, num_samples=2)
+    eos = _common_token(generate(m, prompts, NEW, eos_id=-1, **kw).tokens)
+    every_step = [generate(m, prompts, NEW, eos_id=eos, max_batch=b, **kw) for b in (3, None)]
+    monkeypatch.setattr(generation, "_CPU_SYNC_EVERY", 5)
+    for b, ref in zip((3, None), every_step):
+        out = generate(m, prompts, NEW, eos_id=eos, max_batch=b, **kw)
+        assert (out.tokens, out.finish_reasons) == (ref.tokens, ref.finish_reasons)
+        # Log-probs agree to rounding: the batch each step runs differs (idle rows), not the math.
+        assert max(abs(a - b) for x, y in zip(out.logprobs, ref.logprobs) for a, b in zip(x, y)) <= 1e-5
+    assert "eos" in every_step[0].finish_reasons

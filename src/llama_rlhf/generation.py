@@ -1,90 +1,177 @@
-"""The generation engine: batched, KV-cached decoding for every model family.
+"""The generation engine: continuous batching over a slot-based KV cache, for every model family.
 
-    out = generate(model, prompts, max_new_tokens=256, eos_id=tok.eos_id)            # greedy
-    out = generate(model, prompts, 256, tok.eos_id, temperature=0.7, top_p=0.95, seed=3)
+    out = generate(model, prompts, max_new_tokens=256, eos_id=tok.stop_ids)              # greedy
+    out = generate(model, prompts, 256, tok.stop_ids, temperature=0.7, top_p=0.95, seed=3,
+                   num_samples=8, max_batch=64)   # 8 samples per prompt, at most 64 rows at a time
 
-* Prompts of different lengths are left-padded into one batch. Each row keeps its own
-  positions (0..len-1 for its prompt), pad keys are never attended, so a prompt gives
-  the same tokens in a batch as alone.
-* One pre-allocated `KVCache`; the prefill runs the whole prompt block (logits of its last
-  position only), every decode step only the new token. Decode masks are views of one
-  per-batch additive key mask (0 / -inf in the model dtype; sdpa takes it like the bool
-  masks of `causal_mask`, and on CPU much faster with the strided cache views).
-* `eos_id < 0` disables stopping on EOS (benchmarks, fixed-length rollouts).
+The work is a queue of rows, one per (prompt, sample), prompt-major; the result has one entry
+per row in that order.
+
+Slot scheduler
+* At most `max_batch` rows (default: all of them) run at once, each in a slot of one
+  pre-allocated `SlotCache` [layers, max_batch, S, kv heads, head dim], S = the longest
+  prompt plus its token budget. A row fills its slot from column 0, so position = column and
+  every slot has its own length. The cache is never re-allocated.
+* A decode step is one batched forward over the slot prefix [0, nb): each slot feeds one token
+  at its own column (one `index_copy_` per layer) and attends columns <= its own (and within
+  the sliding window) through an additive key mask (0 / -inf in the model dtype; on CPU sdpa
+  is much faster with it than with a bool mask on the strided cache views).
+* Admission: a waiting prompt is prefilled into its slot, all but its last token (right-padded
+  blocks, causal, no mask); the last token is fed by the next decode step like any other
+  row's token, so a new row's first logits come from the same batched step. The K samples of a
+  prompt are prefilled once and written into K slots; when only some fit, the prompt's keys /
+  values are kept aside (the stash) for the rest.
+* Retirement: a row that used its budget is retired on the host's own count (no device read);
+  one that emitted a stop id or stop string is seen when the host reads the finish codes: every
+  step on CPU (free there) or with stop strings, every 8th step on CUDA (the finished row idles
+  meanwhile, its writes going to a scratch row). A retired slot takes the next waiting row at
+  once; with the queue empty and at most half of the prefix occupied, the occupied slots move
+  to the front and the prefix shrinks.
+* Tokens and log-probs go into per-row device buffers, copied to the host once at the end.
+
+Sampling
+* `temperature == 0` is greedy (argmax). Otherwise logits / temperature, then top-k, then top-p
+  (nucleus), then inverse-CDF sampling with one uniform per row and token. The uniform is a
+  counter-based hash of (seed, prompt index, sample index, token index), not a generator
+  stream, so a row's samples do not depend on `max_batch`, on the arrival order or on the
+  other rows in the batch. Under tensor parallelism every rank holds the full logits (gathered
+  output) and computes the same hash: every rank draws the same token, no broadcast needed.
+* `Generation.logprobs` are log-probs of the chosen tokens under the model's own distribution:
+  `log_softmax(raw logits)` at temperature 1, *not* the tempered / truncated sampling
+  distribution. They equal a fresh forward pass over prompt + new tokens, which is what PPO's
+  old-policy log-probs must be.
+
+Stopping
+* `eos_id` is one id or a sequence of ids (a model's generation_config.json eos list:
+  Llama-3's <|eot_id|> and <|end_of_text|>, Qwen's <|im_end|>); any of them ends a row ("eos",
+  the id is included). Negative ids are ignored: `eos_id < 0` or `[]` disables stopping.
+* A stop string ends a row when the decoded new text contains it ("stop", the tokens up to and
+  including the one that completed it are kept); a row also ends at `max_new_tokens` or the
+  model's `max_seq_len` ("length").
 * On CPU the model's fp32 `nn.Linear`s run through oneDNN while generating (`cpu_linears`).
-* `temperature == 0` is greedy (argmax). Otherwise logits / temperature, then top-k,
-  then top-p (nucleus), sampled with a `torch.Generator` seeded with `seed`. Under tensor
-  parallelism every rank holds the full logits (gathered output), so every rank draws
-  the same token from the identically seeded generator: no broadcast is needed.
-* `Generation.logprobs` are log-probs of the chosen tokens under the model's own
-  distribution: `log_softmax(raw logits)` at temperature 1, *not* the tempered / truncated
-  sampling distribution. They equal a fresh forward pass over prompt + new tokens, which
-  is what PPO's old-policy log-probs must be.
-* Rows finish on EOS ("eos", the EOS token is included), on a stop string ("stop", the
-  tokens up to and including the one that completed the string are kept), or when they
-  reach `max_new_tokens` or the model's `max_seq_len` ("length"). Finished rows are dropped
-  from the batch (the cache is compacted) once at least half of it has finished, and the
-  loop ends when all rows have finished.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import operator
 import os
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
 from .errors import UsageError
+from .models.args import ModelArgs
 from .models.transformer import KVCache, Transformer
 
-_RUNNING, _EOS, _STOP, _LENGTH = 0, 1, 2, 3
+_RUNNING, _EOS, _STOP, _LENGTH, _FREE = 0, 1, 2, 3, 4
 REASONS = {_EOS: "eos", _STOP: "stop", _LENGTH: "length"}
+_M32 = 0xFFFFFFFF
+_GOLDEN = 0x9E3779B9  # 2^32 / golden ratio: spreads consecutive counters over the 32-bit range
+_PREFILL_TOKENS = 8192  # prompt tokens per prefill forward: bounds its activations, not its speed
+# Decode steps between reads of the finish codes: a read is free on CPU, a stall on an accelerator.
+_CPU_SYNC_EVERY, _CUDA_SYNC_EVERY = 1, 8
+
+EosIds = Union[int, Sequence[int]]
 
 
 @dataclass
 class Generation:
-    """Per prompt: the new tokens, their log-probs (temperature-1 model distribution) and why it stopped."""
+    """Per row: the new tokens, their log-probs (temperature-1 model distribution) and why it stopped."""
     tokens: list[list[int]] = field(default_factory=list)
     logprobs: list[list[float]] = field(default_factory=list)
     finish_reasons: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class _Sampling:
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
+
+
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, top_k: int,
-                generator: Optional[torch.Generator]) -> torch.Tensor:
-    """Next tokens [B] from logits [B, V]: greedy at temperature 0, else tempered top-k / top-p sampling."""
+                noise: Union[torch.Tensor, torch.Generator, None] = None) -> torch.Tensor:
+    """Next tokens [B] from logits [B, V]: greedy at temperature 0, else tempered top-k / top-p sampling.
+
+    `noise`: each row's uniform in [0, 1) [B] that picks its token by inverting its CDF, or a
+    `torch.Generator` (None: the global one) to draw them from."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
-    vocab = logits.shape[-1]
-    if top_k and top_k < vocab:
-        vals, idx = logits.topk(top_k, dim=-1)  # sorted, descending
+    idx = None
+    if top_k and top_k < logits.shape[-1]:
+        logits, idx = logits.topk(top_k, dim=-1)  # sorted, descending
     elif top_p < 1.0:
-        vals, idx = logits.sort(dim=-1, descending=True)
-    else:
-        probs = torch.softmax(logits, dim=-1)
-        return torch.multinomial(probs, 1, generator=generator)[:, 0]
-    probs = torch.softmax(vals, dim=-1)
+        logits, idx = logits.sort(dim=-1, descending=True)
+    probs = torch.softmax(logits, dim=-1)
     if top_p < 1.0:
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
         before = probs.cumsum(dim=-1) - probs
         probs = probs.masked_fill(before >= top_p, 0.0)
-    choice = torch.multinomial(probs, 1, generator=generator)
-    return idx.gather(-1, choice)[:, 0]
+    if not isinstance(noise, torch.Tensor):
+        noise = torch.rand(len(probs), generator=noise, device=probs.device)
+    choice = _invert_cdf(probs, noise)
+    return choice if idx is None else idx.gather(-1, choice[:, None])[:, 0]
 
 
-def _check(prompts: Sequence[Sequence[int]], max_new_tokens: int, max_seq_len: int, temperature: float,
-           top_p: float, top_k: int, stop_strings, tokenizer) -> None:
+def _invert_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per row, the first index whose cumulative probability exceeds u x (row total)."""
+    cdf = probs.cumsum(dim=-1)
+    total = cdf[:, -1:]
+    # u < 1, yet u * total can round up to total and land past the last nonzero probability.
+    target = torch.minimum(u[:, None].to(cdf.dtype) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True)[:, 0]
+
+
+def _mix32(x: Union[int, torch.Tensor]) -> Union[int, torch.Tensor]:
+    """A 32-bit integer hash (xor-shift-multiply rounds) of a python int or an int64 tensor in
+    [0, 2^32). The multiplier is < 2^27, so int64 products never overflow."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _M32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _M32
+    return (x >> 16) ^ x
+
+
+def _row_key(seed: int, prompt: int, sample: int) -> int:
+    """The 32-bit random key of one row; its token t draws `_uniforms(key, t)`."""
+    h = 0
+    for part in (seed & _M32, (seed >> 32) & _M32, prompt & _M32, sample & _M32):
+        h = _mix32((h + part + _GOLDEN) & _M32)  # + golden: _mix32(0) is 0
+    return h
+
+
+def _uniforms(keys: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Uniforms in [0, 1) (24 bits, exact in fp32) per (row key, token index), computed on the device."""
+    h = _mix32((keys + (t + 1) * _GOLDEN) & _M32)
+    h = _mix32(h ^ keys)  # a second round with the key: two rows whose counters collide still differ
+    return (h >> 8).float() * 2.0 ** -24
+
+
+def _stop_ids(eos_id: EosIds) -> list[int]:
+    try:
+        ids = [operator.index(eos_id)]
+    except TypeError:
+        ids = [operator.index(i) for i in eos_id]
+    return sorted({i for i in ids if i >= 0})
+
+
+def _check(prompts: Sequence[Sequence[int]], max_new_tokens: int, max_seq_len: int, sampling: _Sampling,
+           stop_strings: Optional[list[str]], tokenizer, num_samples: int, max_batch: Optional[int]) -> None:
     if max_new_tokens < 0:
         raise UsageError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise UsageError(f"temperature must be >= 0, got {temperature}")
-    if not 0.0 < top_p <= 1.0:
-        raise UsageError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k < 0:
-        raise UsageError(f"top_k must be >= 0, got {top_k}")
+    if sampling.temperature < 0:
+        raise UsageError(f"temperature must be >= 0, got {sampling.temperature}")
+    if not 0.0 < sampling.top_p <= 1.0:
+        raise UsageError(f"top_p must be in (0, 1], got {sampling.top_p}")
+    if sampling.top_k < 0:
+        raise UsageError(f"top_k must be >= 0, got {sampling.top_k}")
+    if num_samples < 1:
+        raise UsageError(f"num_samples must be >= 1, got {num_samples}")
+    if max_batch is not None and max_batch < 1:
+        raise UsageError(f"max_batch must be >= 1, got {max_batch}")
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer to decode the generated text")
     for i, p in enumerate(prompts):
@@ -96,67 +183,324 @@ def _check(prompts: Sequence[Sequence[int]], max_new_tokens: int, max_seq_len: i
 
 
 @torch.no_grad()
-def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_id: int,
+def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_id: EosIds,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
              stop_strings: Optional[list[str]] = None, tokenizer=None, seed: int = 0,
-             max_seq_len: Optional[int] = None) -> Generation:
-    """Continue every prompt (token ids, BOS included) by up to `max_new_tokens` tokens.
+             max_seq_len: Optional[int] = None, *, num_samples: int = 1, max_batch: Optional[int] = None,
+             progress: Optional[Callable[[int], None]] = None) -> Generation:
+    """Continue every prompt (token ids, BOS included) `num_samples` times by up to `max_new_tokens` tokens.
 
-    A row never grows past `max_seq_len` (default: the model's) positions; a prompt longer
-    than that is a ValueError naming its index. See the module docstring for the semantics.
+    One result row per (prompt, sample), prompt-major. At most `max_batch` rows (default: all)
+    run at once. A row never grows past `max_seq_len` (default: the model's) positions; a prompt
+    longer than that is an error naming its index. `progress(n)` is called as n rows finish.
+    See the module docstring for the scheduler, the sampling and the stop rules.
     """
     max_seq_len = max_seq_len or model.args.max_seq_len
-    _check(prompts, max_new_tokens, max_seq_len, temperature, top_p, top_k, stop_strings, tokenizer)
-    n = len(prompts)
-    if n == 0:
-        return Generation()
+    sampling = _Sampling(temperature, top_p, top_k, seed)
+    _check(prompts, max_new_tokens, max_seq_len, sampling, stop_strings, tokenizer, num_samples, max_batch)
+    budgets = [min(max_new_tokens, max_seq_len - len(p)) for p in prompts]
+    n_rows = len(prompts) * num_samples
+    if not any(budgets):  # nothing to generate (or no prompts at all)
+        if progress is not None and n_rows:
+            progress(n_rows)
+        return Generation([[] for _ in range(n_rows)], [[] for _ in range(n_rows)], ["length"] * n_rows)
     param = next(model.parameters())
+    stops = _StopChecker(stop_strings, tokenizer) if stop_strings else None
+    engine = _Engine(model, prompts, num_samples, budgets, sampling, _stop_ids(eos_id), stops,
+                     min(max_batch or n_rows, n_rows), param.device, param.dtype, progress)
     with cpu_linears(model, param.device):
-        return _generate(model, prompts, max_new_tokens, eos_id, temperature, top_p, top_k, stop_strings,
-                         tokenizer, seed, max_seq_len, param.device, param.dtype)
+        return engine.run()
 
 
-def _generate(model, prompts, max_new_tokens, eos_id, temperature, top_p, top_k, stop_strings, tokenizer, seed,
-              max_seq_len, dev, dtype) -> Generation:
-    n = len(prompts)
-    lens = [len(p) for p in prompts]
-    budgets = [min(max_new_tokens, max_seq_len - L) for L in lens]
-    steps = max(budgets)
-    if steps == 0:
-        return Generation([[] for _ in prompts], [[] for _ in prompts], ["length"] * n)
+class SlotCache(KVCache):
+    """A `KVCache` whose batch rows are slots, each with its own length.
 
-    P, window = max(lens), model.args.sliding_window
-    cache, key_mask, logits, additive = _prefill(model, prompts, lens, steps, eos_id, dev, dtype)
-    gen = None
-    if temperature > 0:
-        gen = torch.Generator(device=dev)
-        gen.manual_seed(seed)
-    st = _Rows.start(lens, budgets, steps, dev)
-    sync_every = 1 if dev.type == "cpu" else 8
-    stops = _StopChecker(stop_strings, tokenizer, n) if stop_strings else None
-    fill = eos_id if eos_id >= 0 else 0
+    Decode (`set_decode`): batch row b writes its one new key / value at flat index
+    `flat[b]` (slot b, its column) and attends columns [0, extent) of slot b. Prefill
+    (`set_prefill`): prompt-block row src[j] is written into columns [0, T) of slot slots[j]
+    (one row may fill several slots: the samples of one prompt), and attends only itself."""
 
-    for step in range(steps):
-        nxt = sample_next(logits, temperature, top_p, top_k, gen)
+    def __init__(self, args: ModelArgs, batch: int, max_len: int, device: torch.device, dtype: torch.dtype):
+        super().__init__(args, batch, max_len, device, dtype)
+        self.max_len = max_len
+        self._flat: Optional[torch.Tensor] = None
+        self._extent = 0
+        self._slots: Optional[torch.Tensor] = None
+        self._src: Optional[torch.Tensor] = None
+
+    def set_decode(self, flat: torch.Tensor, extent: int) -> None:
+        self._flat, self._extent, self._slots, self._src = flat, extent, None, None
+
+    def set_prefill(self, slots: torch.Tensor, src: torch.Tensor) -> None:
+        self._flat, self._slots, self._src = None, slots, src
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: int):
+        if self._slots is not None:
+            T = k.shape[1]
+            self.k[layer, self._slots, :T] = k[self._src].to(self.k.dtype)
+            self.v[layer, self._slots, :T] = v[self._src].to(self.v.dtype)
+            return k, v
+        B, _, H, D = k.shape
+        self.k[layer].view(-1, H, D).index_copy_(0, self._flat, k[:, 0].to(self.k.dtype))
+        self.v[layer].view(-1, H, D).index_copy_(0, self._flat, v[:, 0].to(self.v.dtype))
+        return self.k[layer, :B, :self._extent], self.v[layer, :B, :self._extent]
+
+
+def _to_device(data: Union[list, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """A small host list / tensor of ints on `device`. On CUDA through pinned memory, non-blocking:
+    a pageable host-to-device copy would wait for the queued decode steps (a host sync)."""
+    t = data if isinstance(data, torch.Tensor) else torch.tensor(data, dtype=torch.long)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+class _Slots:
+    """Per-slot decode state on the device, one [8, max_batch] tensor so that admitting,
+    freeing and moving slots is one indexed copy. Fields: the token to feed next, its column,
+    the index of the next sampled token, the result row, the random key, the token budget,
+    the finish code and the number of tokens kept. A free slot feeds token 0 at column 0,
+    writes to the scratch row and has code _FREE."""
+
+    def __init__(self, batch: int, scratch_row: int, device: torch.device):
+        self.free_col = torch.tensor([0, 0, 0, scratch_row, 0, 0, _FREE, 0], device=device)
+        self.data = self.free_col[:, None].repeat(1, batch)
+        self.fed, self.pos, self.t, self.row, self.key, self.budget, self.reason, self.length = self.data.unbind(0)
+
+    def set(self, slots: list[int], values: list[list[int]]) -> None:
+        """Slot slots[i] gets the field values values[i]: [fed, pos, t, row, key, budget, reason, length]."""
+        dev = self.data.device
+        self.data[:, _to_device(slots, dev)] = _to_device(values, dev).T
+
+    def free(self, idx: torch.Tensor) -> None:
+        self.data[:, idx] = self.free_col[:, None]
+
+    def move(self, src: torch.Tensor, nb: int) -> None:
+        """Slots src -> 0..len(src)-1, the rest of the prefix [0, nb) freed."""
+        m = len(src)
+        self.data[:, :m] = self.data[:, src]
+        self.data[:, m:nb] = self.free_col[:, None]
+
+
+class _Engine:
+    """The slot scheduler of one `generate` call (see the module docstring).
+
+    Host-side per slot: the result row it holds (-1: free), how many tokens it has sampled,
+    and an upper bound of its current column (exact unless it finished unseen), which sets how
+    many cache columns a decode step attends without reading the device."""
+
+    def __init__(self, model: Transformer, prompts: Sequence[Sequence[int]], num_samples: int, budgets: list[int],
+                 sampling: _Sampling, stop_ids: list[int], stops: Optional[_StopChecker], batch: int,
+                 dev: torch.device, dtype: torch.dtype, progress: Optional[Callable[[int], None]]):
+        self.model, self.prompts, self.K, self.budgets, self.sampling = model, prompts, num_samples, budgets, sampling
+        self.stops, self.dev, self.dtype, self.progress = stops, dev, dtype, progress
+        self.stop_ids = torch.tensor(stop_ids, device=dev) if stop_ids else None
+        self.n_rows = len(prompts) * num_samples
+        width = max(len(p) + b for p, b in zip(prompts, budgets) if b > 0)
+        self.cache = SlotCache(model.args, batch, width, dev, dtype)
+        self.st = _Slots(batch, self.n_rows, dev)  # row n_rows is the scratch row
+        steps = max(budgets)
+        self.out_tok = torch.zeros((self.n_rows + 1, steps), dtype=torch.int32, device=dev)
+        self.out_lp = torch.zeros((self.n_rows + 1, steps), dtype=torch.float32, device=dev)
+        self.out_len = torch.zeros(self.n_rows + 1, dtype=torch.long, device=dev)
+        self.out_reason = torch.full((self.n_rows + 1,), _LENGTH, dtype=torch.long, device=dev)
+        self.slot_row, self.slot_n, self.slot_col = [-1] * batch, [0] * batch, [0] * batch
+        self.slot_last_col = [0] * batch  # the column its last token would be fed at
+        self.nb = self.occupied = self.next_row = 0
+        self.stash: Optional[tuple[int, torch.Tensor, torch.Tensor]] = None  # (prompt, keys, values)
+        self.cols = torch.arange(width, device=dev)
+        self.slot_ids = torch.arange(batch, device=dev)
+        self.window = model.args.sliding_window
+        # Bool masks under autocast, where q's dtype differs from the model's (see the docstring).
+        self.additive = not torch.is_autocast_enabled(dev.type)
+        self.sync_every = 1 if stops is not None else _CPU_SYNC_EVERY if dev.type == "cpu" else _CUDA_SYNC_EVERY
+
+    def run(self) -> Generation:
+        self._admit()
+        step = 0
+        while self.occupied:
+            self._sample(self._decode())
+            step += 1
+            done = self._finished(read_device=step % self.sync_every == 0)
+            if done:
+                self._retire(done)
+                self._admit()
+                self._compact()
+        return self._result()
+
+    # ------------------------------------------------------------------ one step
+
+    def _decode(self) -> torch.Tensor:
+        """One forward of the slot prefix: every slot feeds its token at its column; logits [nb, V]."""
+        st, nb = self.st, self.nb
+        pos = st.pos[:nb]
+        extent = max(self.slot_col[:nb]) + 1
+        self.cache.set_decode(self.slot_ids[:nb] * self.cache.max_len + pos, extent)
+        cols = self.cols[None, :extent]
+        allowed = cols <= pos[:, None]
+        if self.window is not None:  # keys more than `window` positions back drop out
+            allowed = allowed & (pos[:, None] - cols < self.window)
+        mask = _as_mask(allowed, self.additive, self.dtype)[:, None, None]
+        h = self.model.hidden(st.fed[:nb, None], positions=pos[:, None], mask=mask, cache=self.cache)
+        return self.model.output(h).float()[:, 0]
+
+    def _sample(self, logits: torch.Tensor) -> None:
+        """Pick, record and check every running slot's next token; finished slots freeze."""
+        st, nb, sp = self.st, self.nb, self.sampling
+        t, live = st.t[:nb], st.reason[:nb] == _RUNNING
+        noise = _uniforms(st.key[:nb], t) if sp.temperature > 0 else None
+        nxt = sample_next(logits, sp.temperature, sp.top_p, sp.top_k, noise)
         lp = logits.gather(-1, nxt[:, None])[:, 0] - logits.logsumexp(dim=-1)
-        nxt = torch.where(st.done, fill, nxt)
-        st.record(step, nxt, lp)
-        st.update_reasons(step, nxt, eos_id, stops)
-        if step + 1 == steps:
-            break
-        if (step + 1) % sync_every == 0 or stops is not None:
-            remaining = len(st.done) - int(st.done.sum())
-            if remaining == 0:
-                break
-            if remaining <= len(st.done) // 2:  # drop the finished rows: a smaller batch and cache
-                nxt, key_mask = st.compact(nxt, key_mask, cache)
-        # ---- decode: the new token only, written to cache slot P + step
-        cur = P + step
-        h = model.hidden(nxt[:, None], positions=st.next_pos[:, None],
-                         mask=_decode_mask(key_mask, cur, window, additive), cache=cache, cache_pos=cur)
-        logits = model.output(h).float()[:, 0]
-        st.next_pos = st.next_pos + 1
-    return st.result()
+        dest = torch.where(live, st.row[:nb], self.n_rows)  # idle slots write to the scratch row
+        self.out_tok[dest, t] = nxt.to(torch.int32)
+        self.out_lp[dest, t] = lp
+        code = self._codes(nxt, live, t)
+        st.reason[:nb] = torch.where(code != _RUNNING, code, st.reason[:nb])
+        st.length[:nb] = torch.where(live, t + 1, st.length[:nb])
+        adv = (st.reason[:nb] == _RUNNING).long()
+        st.pos[:nb] += adv
+        st.t[:nb] += adv
+        st.fed[:nb] = nxt
+        for s in range(nb):
+            if self.slot_row[s] >= 0:
+                self.slot_n[s] += 1
+                self.slot_col[s] = min(self.slot_col[s] + 1, self.slot_last_col[s])
+
+    def _codes(self, nxt: torch.Tensor, live: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Finish code per slot for this step's tokens: eos, stop string, budget used, or running."""
+        code = torch.zeros_like(nxt)
+        if self.stop_ids is not None:
+            code = torch.where(live & torch.isin(nxt, self.stop_ids), _EOS, code)
+        if self.stops is not None:
+            hit = self.stops.update(self.slot_row[:self.nb], nxt.tolist(), live.tolist())
+            if hit:
+                hit_t = torch.zeros_like(live)
+                hit_t[_to_device(hit, self.dev)] = True
+                code = torch.where(hit_t & (code == _RUNNING), _STOP, code)
+        return torch.where(live & (code == _RUNNING) & (t + 1 >= self.st.budget[:self.nb]), _LENGTH, code)
+
+    def _finished(self, read_device: bool) -> list[int]:
+        """Occupied slots known to be finished: by the host's count of their budget, and when
+        `read_device`, by their finish codes (the one device read of a step)."""
+        occ = [s for s in range(self.nb) if self.slot_row[s] >= 0]
+        if read_device:
+            codes = self.st.reason[:self.nb].tolist()
+            return [s for s in occ if codes[s] != _RUNNING]
+        return [s for s in occ if self.slot_n[s] >= self.budgets[self.slot_row[s] // self.K]]
+
+    # ------------------------------------------------------------------ scheduling
+
+    def _retire(self, slots: list[int]) -> None:
+        """Copy the slots' lengths and finish codes to their rows, and free the slots."""
+        idx = _to_device(slots, self.dev)
+        rows = self.st.row[idx]
+        self.out_len[rows] = self.st.length[idx]
+        self.out_reason[rows] = self.st.reason[idx]
+        self.st.free(idx)
+        for s in slots:
+            self.slot_row[s], self.slot_n[s], self.slot_col[s], self.slot_last_col[s] = -1, 0, 0, 0
+        self.occupied -= len(slots)
+        if self.progress is not None:
+            self.progress(len(slots))
+
+    def _admit(self) -> None:
+        """Fill the free slots (lowest first) with the next waiting rows."""
+        free = [s for s, r in enumerate(self.slot_row) if r < 0]
+        new: list[tuple[int, int]] = []  # (slot, row)
+        skipped = 0
+        while len(new) < len(free) and self.next_row < self.n_rows:
+            r, self.next_row = self.next_row, self.next_row + 1
+            if self.budgets[r // self.K] == 0:  # no room for a token: an empty "length" row
+                skipped += 1
+            else:
+                new.append((free[len(new)], r))
+        if skipped and self.progress is not None:
+            self.progress(skipped)
+        if not new:
+            return
+        values = []
+        for s, r in new:
+            p, L = r // self.K, len(self.prompts[r // self.K])
+            self.slot_row[s], self.slot_n[s], self.slot_col[s] = r, 0, L - 1
+            self.slot_last_col[s] = L + self.budgets[p] - 2
+            values.append([self.prompts[p][-1], L - 1, 0, r, _row_key(self.sampling.seed, p, r % self.K),
+                           self.budgets[p], _RUNNING, 0])
+        self.st.set([s for s, _ in new], values)
+        self.occupied += len(new)
+        self.nb = max(self.nb, max(s for s, _ in new) + 1)
+        self._fill_caches(new)
+
+    def _fill_caches(self, new: list[tuple[int, int]]) -> None:
+        """Write the prompts of the new rows (but their last tokens) into their slots: the stashed
+        prompt's copied, the others prefilled; stash the last prompt if some of its samples wait."""
+        slots_of: dict[int, list[int]] = {}
+        for s, r in new:
+            slots_of.setdefault(r // self.K, []).append(s)
+        stash = self.stash
+        if stash is not None and stash[0] in slots_of:
+            idx = _to_device(slots_of[stash[0]], self.dev)
+            n = stash[1].shape[1]
+            self.cache.k[:, idx, :n] = stash[1][:, None]
+            self.cache.v[:, idx, :n] = stash[2][:, None]
+        self._prefill([p for p in slots_of if (stash is None or p != stash[0]) and len(self.prompts[p]) > 1],
+                      slots_of)
+        if stash is not None and self.next_row >= (stash[0] + 1) * self.K:
+            self.stash = None  # all its samples are in
+        last = new[-1][1] // self.K
+        if self.stash is None and self.next_row < (last + 1) * self.K:
+            s, n = slots_of[last][0], len(self.prompts[last]) - 1
+            self.stash = (last, self.cache.k[:, s, :n].clone(), self.cache.v[:, s, :n].clone())
+
+    def _prefill(self, todo: list[int], slots_of: dict[int, list[int]]) -> None:
+        """Prefill prompts `todo` (all but the last token) into their slots, in blocks of about
+        `_PREFILL_TOKENS` padded tokens."""
+        start = 0
+        while start < len(todo):
+            end, width = start + 1, len(self.prompts[todo[start]]) - 1
+            while end < len(todo):
+                w = max(width, len(self.prompts[todo[end]]) - 1)
+                if (end + 1 - start) * w > _PREFILL_TOKENS:
+                    break
+                end, width = end + 1, w
+            self._prefill_block(todo[start:end], width, slots_of)
+            start = end
+
+    def _prefill_block(self, block: list[int], width: int, slots_of: dict[int, list[int]]) -> None:
+        # Right-padded rows: causal attention never lets a prompt token see the pads after it,
+        # and the pads' keys land in columns the row's key mask hides until decode overwrites them.
+        tokens = torch.zeros((len(block), width), dtype=torch.long)
+        slots, src = [], []
+        for i, p in enumerate(block):
+            tokens[i, :len(self.prompts[p]) - 1] = torch.as_tensor(self.prompts[p][:-1], dtype=torch.long)
+            slots += slots_of[p]
+            src += [i] * len(slots_of[p])
+        self.cache.set_prefill(_to_device(slots, self.dev), _to_device(src, self.dev))
+        self.model.hidden(_to_device(tokens, self.dev), cache=self.cache)  # positions 0..width-1, causal mask
+
+    def _compact(self) -> None:
+        """With nothing waiting and at most half of the prefix occupied, move the occupied slots
+        to the front: later decode steps run (and attend) fewer rows."""
+        occ = [s for s in range(self.nb) if self.slot_row[s] >= 0]
+        if self.next_row < self.n_rows or len(occ) > self.nb // 2:
+            return
+        m = len(occ)
+        if occ != list(range(m)):
+            src = _to_device(occ, self.dev)
+            extent = max(self.slot_col[s] for s in occ) + 1
+            for buf in (self.cache.k, self.cache.v):
+                buf[:, :m, :extent] = buf[:, src, :extent]
+            self.st.move(src, self.nb)
+            for host in (self.slot_row, self.slot_n, self.slot_col, self.slot_last_col):
+                host[:self.nb] = [host[s] for s in occ] + [-1 if host is self.slot_row else 0] * (self.nb - m)
+        self.nb = m
+
+    def _result(self) -> Generation:
+        n = self.n_rows
+        lengths, reasons = self.out_len[:n].tolist(), self.out_reason[:n].tolist()
+        toks, lps = self.out_tok[:n].tolist(), self.out_lp[:n].tolist()
+        return Generation(tokens=[toks[i][:lengths[i]] for i in range(n)],
+                          logprobs=[lps[i][:lengths[i]] for i in range(n)],
+                          finish_reasons=[REASONS[r] for r in reasons])
 
 
 def _as_mask(allowed: torch.Tensor, additive: bool, dtype: torch.dtype) -> torch.Tensor:
@@ -164,123 +508,6 @@ def _as_mask(allowed: torch.Tensor, additive: bool, dtype: torch.dtype) -> torch
     if not additive:
         return allowed
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
-
-
-def _prefill(model, prompts, lens: list[int], steps: int, eos_id: int, dev: torch.device, dtype: torch.dtype):
-    """Run the left-padded prompt block into a fresh cache of max(lens) + steps slots.
-
-    Returns (cache, key_mask [B, S] for the decode steps, logits [B, V] of each row's last
-    prompt position, additive: whether masks are additive floats rather than bools)."""
-    n, P = len(prompts), max(lens)
-    S = P + steps  # cache slots: slot j of row i holds position j - pad_i
-    pads = torch.tensor([P - L for L in lens], device=dev)
-    tokens = torch.full((n, P), eos_id if eos_id >= 0 else 0, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        tokens[i, P - len(p):] = torch.as_tensor(p, dtype=torch.long)
-    tokens = tokens.to(dev)
-    slots = torch.arange(S, device=dev)
-    key_valid = slots[None, :] >= pads[:, None]  # [B, S]: pad slots are never keys
-    window = model.args.sliding_window
-    padded = P != min(lens)
-    # Masks go to sdpa as additive float masks in the model's dtype (on CPU a bool mask with the
-    # strided cache views takes a path ~20x slower); bool under autocast, where q's dtype differs.
-    additive = not torch.is_autocast_enabled(dev.type)
-
-    # The whole prompt block, logits of the last position only.
-    positions = (slots[None, :P] - pads[:, None]).clamp(min=0)
-    mask = None
-    if padded or (window is not None and P > window):
-        q, k = slots[:P, None], slots[None, :P]
-        allowed = (k <= q) if window is None else (k <= q) & (q - k < window)
-        # A pad query attends to itself only (an all-False row would make sdpa return NaN).
-        mask = _as_mask(((allowed[None] & key_valid[:, None, :P]) | (k == q)[None])[:, None], additive, dtype)
-    key_mask = _as_mask(key_valid, additive, dtype)  # [B, S]; decode steps use views of it
-    cache = KVCache(model.args, n, S, dev, dtype)
-    h = model.hidden(tokens, positions=positions, mask=mask, cache=cache, cache_pos=0)
-    logits = model.output(h[:, -1:]).float()[:, 0]
-    return cache, key_mask, logits, additive
-
-
-def _decode_mask(key_mask: torch.Tensor, cur: int, window: Optional[int], additive: bool) -> torch.Tensor:
-    """Key mask [B, 1, 1, cur + 1] of the decode step writing cache slot `cur`."""
-    kmask = key_mask[:, None, None, :cur + 1]
-    if window is not None and cur >= window:  # keys more than `window` positions back drop out
-        kmask = kmask.clone()
-        kmask[..., :cur + 1 - window] = float("-inf") if additive else False
-    return kmask
-
-
-@dataclass
-class _Rows:
-    """Decode state. `out_*`, `len_all`, `reason_all` cover every prompt; the rest covers the rows
-    of the current batch, which after a compaction `rows` maps back to prompts."""
-    out_tok: torch.Tensor     # [n, steps]
-    out_lp: torch.Tensor      # [n, steps]
-    len_all: torch.Tensor     # [n]
-    reason_all: torch.Tensor  # [n]
-    rows: Optional[torch.Tensor]  # None: identity (no compaction yet)
-    budget: torch.Tensor
-    next_pos: torch.Tensor
-    done: torch.Tensor
-    reason: torch.Tensor
-    length: torch.Tensor
-
-    @classmethod
-    def start(cls, lens: list[int], budgets: list[int], steps: int, dev: torch.device) -> _Rows:
-        n = len(lens)
-        budget = torch.tensor(budgets, device=dev)
-        done = budget == 0
-        return cls(out_tok=torch.zeros((n, steps), dtype=torch.long, device=dev),
-                   out_lp=torch.zeros((n, steps), dtype=torch.float32, device=dev),
-                   len_all=torch.zeros(n, dtype=torch.long, device=dev),
-                   reason_all=torch.zeros(n, dtype=torch.long, device=dev),
-                   rows=None, budget=budget, next_pos=torch.tensor(lens, device=dev), done=done,
-                   reason=torch.where(done, _LENGTH, _RUNNING),
-                   length=torch.zeros(n, dtype=torch.long, device=dev))
-
-    def record(self, step: int, nxt: torch.Tensor, lp: torch.Tensor) -> None:
-        if self.rows is None:
-            self.out_tok[:, step], self.out_lp[:, step] = nxt, lp
-        else:
-            self.out_tok[self.rows, step], self.out_lp[self.rows, step] = nxt, lp
-
-    def update_reasons(self, step: int, nxt: torch.Tensor, eos_id: int, stops: Optional[_StopChecker]) -> None:
-        """Finish the live rows that emitted EOS, completed a stop string or used up their budget."""
-        live = ~self.done
-        self.length = torch.where(live, step + 1, self.length)
-        code = torch.where(live & (nxt == eos_id), _EOS, _RUNNING)
-        if stops is not None:
-            hit = stops.update(self.rows, nxt, live)
-            if hit:
-                hit_t = torch.zeros_like(self.done)
-                hit_t[torch.tensor(hit, device=self.done.device)] = True
-                code = torch.where(hit_t & (code == _RUNNING), _STOP, code)
-        code = torch.where(live & (code == _RUNNING) & (step + 1 >= self.budget), _LENGTH, code)
-        self.reason = torch.where(code != _RUNNING, code, self.reason)
-        self.done = self.reason != _RUNNING
-
-    def _flush(self) -> torch.Tensor:
-        idx = torch.arange(len(self.len_all), device=self.done.device) if self.rows is None else self.rows
-        self.reason_all[idx], self.len_all[idx] = self.reason, self.length
-        return idx
-
-    def compact(self, nxt: torch.Tensor, key_mask: torch.Tensor, cache: KVCache):
-        """Drop the finished rows from the state, `nxt`, `key_mask` and the cache; returns (nxt, key_mask)."""
-        idx = self._flush()
-        keep = (~self.done).nonzero()[:, 0]
-        self.rows, self.budget, self.next_pos, self.done, self.reason, self.length, nxt, key_mask = (
-            t[keep] for t in (idx, self.budget, self.next_pos, self.done, self.reason, self.length, nxt, key_mask))
-        cache.k, cache.v = cache.k[:, keep], cache.v[:, keep]
-        return nxt, key_mask
-
-    def result(self) -> Generation:
-        self._flush()
-        n = len(self.len_all)
-        out_tok, out_lp = self.out_tok.tolist(), self.out_lp.tolist()
-        lengths, reasons = self.len_all.tolist(), self.reason_all.tolist()
-        return Generation(tokens=[out_tok[i][:lengths[i]] for i in range(n)],
-                          logprobs=[out_lp[i][:lengths[i]] for i in range(n)],
-                          finish_reasons=[REASONS[r] for r in reasons])
 
 
 def _onednn_linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -329,20 +556,22 @@ def cpu_linears(model: nn.Module, device: torch.device) -> Iterator[None]:
 class _StopChecker:
     """Host-side stop-string detection on the decoded new text of every row."""
 
-    def __init__(self, stop_strings: list[str], tokenizer, n: int):
+    def __init__(self, stop_strings: list[str], tokenizer):
         self.stops = [s for s in stop_strings if s]
         self.tokenizer = tokenizer
-        self.ids: list[list[int]] = [[] for _ in range(n)]
+        self.ids: dict[int, list[int]] = {}
 
-    def update(self, rows: Optional[torch.Tensor], tokens: torch.Tensor, live: torch.Tensor) -> list[int]:
-        """Append this step's tokens; return the batch indices whose text now contains a stop string."""
-        rows_l = range(len(tokens)) if rows is None else rows.tolist()
+    def update(self, rows: list[int], tokens: list[int], live: list[bool]) -> list[int]:
+        """Append this step's token of every live slot (holding row rows[b]); return the slots
+        whose row's text now contains a stop string."""
         hit = []
-        for b, (r, t, ok) in enumerate(zip(rows_l, tokens.tolist(), live.tolist())):
+        for b, (r, t, ok) in enumerate(zip(rows, tokens, live)):
             if not ok:
                 continue
-            self.ids[r].append(t)
-            text = self.tokenizer.decode(self.ids[r])
+            ids = self.ids.setdefault(r, [])
+            ids.append(t)
+            text = self.tokenizer.decode(ids)
             if any(s in text for s in self.stops):
                 hit.append(b)
+                del self.ids[r]  # the row is done; its text is not needed any more
         return hit

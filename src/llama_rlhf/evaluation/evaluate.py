@@ -61,19 +61,17 @@ def _generate(model, tokenizer, instructions: list[str], max_new_tokens: int, te
     if max_new_tokens >= limit:
         raise UsageError(f"--max_new_tokens {max_new_tokens} leaves no room for a prompt in --max_seq_len {limit}")
     prompts, truncated = encode_prompts(tokenizer, instructions, limit - max_new_tokens, fmt)
-    # Longest prompts first (less padding per batch, and an out-of-memory shows up at once);
-    # the K samples of a prompt are neighbours, so they share a batch.
+    # Longest prompts first (less padding per prefill block). One continuously batched call:
+    # max_batch_size rows at a time, each prompt prefilled once for its K samples.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    rows = [(i, k) for i in order for k in range(num_samples)]
     texts: list[list[str]] = [[""] * num_samples for _ in prompts]
-    bar = tqdm(total=len(rows), desc="generating", unit="seq", disable=not (progress and parallel.is_main()))
-    for b, start in enumerate(range(0, len(rows), max_batch_size)):
-        chunk = rows[start:start + max_batch_size]
-        out = generate(model, [prompts[i] for i, _ in chunk], max_new_tokens, tokenizer.eos_id,
-                       temperature=temperature, top_p=top_p, top_k=top_k, seed=seed + b, max_seq_len=limit)
-        for (i, k), toks in zip(chunk, out.tokens):
-            texts[i][k] = tokenizer.decode(toks)
-        bar.update(len(chunk))
+    bar = tqdm(total=len(order) * num_samples, desc="generating", unit="seq",
+               disable=not (progress and parallel.is_main()))
+    out = generate(model, [prompts[i] for i in order], max_new_tokens, tokenizer.stop_ids, temperature=temperature,
+                   top_p=top_p, top_k=top_k, seed=seed, max_seq_len=limit, num_samples=num_samples,
+                   max_batch=max_batch_size, progress=bar.update)
+    for j, toks in enumerate(out.tokens):
+        texts[order[j // num_samples]][j % num_samples] = tokenizer.decode(toks)
     bar.close()
     return texts, truncated
 

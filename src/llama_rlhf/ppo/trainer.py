@@ -93,18 +93,15 @@ class PPOTrainer:
         cfg, k = self.cfg, self.cfg.num_samples
         rep_prompts = [p for p in prompts for _ in range(k)]
         labels = [r.get("label") for r in records for _ in range(k)]
-        tokens, logps, finished = [], [], []
         with self.m.phase(model or self.m.actor) as actor:
             actor.eval()
-            for s in range(0, len(rep_prompts), cfg.forward_batch_size):
-                # The seed depends on the round and the offset in the shard only, so a shard
-                # samples the same tokens on whichever replica generates it.
-                out = generate(actor, rep_prompts[s:s + cfg.forward_batch_size], cfg.max_new_tokens,
-                               eos_id=self.tok.eos_id, temperature=cfg.t, top_p=cfg.p, top_k=cfg.top_k,
-                               seed=cfg.seed * 100003 + self.round * 1009 + s, max_seq_len=cfg.max_seq_len)
-                tokens += out.tokens
-                logps += out.logprobs
-                finished += [r != "length" for r in out.finish_reasons]
+            # The seed depends on the round only and a row's samples on its index in the shard,
+            # so a shard samples the same tokens on whichever replica generates it.
+            out = generate(actor, prompts, cfg.max_new_tokens, eos_id=self.tok.stop_ids, temperature=cfg.t,
+                           top_p=cfg.p, top_k=cfg.top_k, seed=cfg.seed * 100003 + self.round * 1009,
+                           max_seq_len=cfg.max_seq_len, num_samples=k, max_batch=cfg.forward_batch_size)
+        tokens, logps = out.tokens, out.logprobs
+        finished = [r != "length" for r in out.finish_reasons]
         # An empty response has no action to score: give it one EOS token (it did stop at once).
         for i, t in enumerate(tokens):
             if not t:
