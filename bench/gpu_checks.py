@@ -31,14 +31,7 @@ import time
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 
-def _early_device() -> str:
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--device", default="auto")
-    return p.parse_known_args()[0].device
-
-
-if _early_device() == "cpu":  # the library runs on CUDA whenever one is visible
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+import early_device  # noqa: E402,F401  (before torch: --device cpu hides CUDA)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

@@ -48,14 +48,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every file is local
 os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF dequantization bar
 
 
-def _early_device() -> str:
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--device", default="auto")
-    return p.parse_known_args()[0].device
-
-
-if _early_device() == "cpu":  # the library runs on CUDA whenever one is visible
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+import early_device  # noqa: E402,F401  (before torch: --device cpu hides CUDA)
 
 import torch  # noqa: E402
 
