@@ -104,6 +104,22 @@ def test_disagreeing_meta_shards_name_the_file(meta, tmp_path):
         _vocab_split_embedding(shard0, shard_files(str(tmp_path / "bad")), args, rank=0)
 
 
+def test_ppo_sizes_a_raw_meta_dir(meta):
+    """PPO checks its models and sizes their memory before loading any: from a Meta dir's
+    params.json (vocab_size -1) that needs the embedding's shape."""
+    from llama_rlhf.checkpoint import ckpt_args
+    from llama_rlhf.ppo.config import PPOConfig
+    from llama_rlhf.ppo.placement import model_costs
+    from llama_rlhf.ppo.run import _check_critic
+    meta2 = str(meta["root"] / "meta2")
+    assert ckpt_args(meta2).vocab_size == VOCAB
+    cfg = PPOConfig(actor_ckpt_dir=meta2, actor_save_dir="unused", train_file="unused", estimator="grpo",
+                    reward="rm", reward_model_ckpt_dir=meta2)
+    _check_critic(cfg)
+    params = sum(t.numel() for t in meta["sd"].values())
+    assert model_costs(cfg, tp=2, on_cuda=False)["actor"] == 16 * params / 2
+
+
 def _worker(out_file: str, tokens_file: str, *ckpt_dirs: str) -> None:
     """Each dir (all with this world's shard count): logits of the tokens; a Meta dir is also saved
     back (`DIR-resaved`) as training would save it."""

@@ -139,6 +139,15 @@ def dir_args(folder: str, model_type: Optional[str], sd: dict, n: int = 1) -> Mo
     return args
 
 
+def ckpt_args(ckpt_dir: str, model_type: Optional[str] = None) -> ModelArgs:
+    """The config of a shard dir without building its model: `dir_args` on the first shard
+    (memory-mapped, so a Meta params.json with vocab_size -1 costs one embedding shape)."""
+    files = shard_files(ckpt_dir)
+    if not files:
+        return read_args(ckpt_dir, model_type)
+    return dir_args(ckpt_dir, model_type, read_state_dict(files[0]), len(files))
+
+
 def load_model(ckpt_dir: str, model_type: Optional[str] = None, device=None, dtype: torch.dtype = torch.float32,
                role: Optional[str] = None):
     """Build the model of `ckpt_dir` and load this TP rank's shard.

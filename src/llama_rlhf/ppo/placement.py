@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from ..errors import MissingPathError, UsageError
-from ..models.args import read_args
+from ..checkpoint import ckpt_args
 from ..models.transformer import Transformer
 
 STRATEGIES = ("flattening", "interleaving", "separation", "auto")
@@ -214,15 +214,15 @@ def model_costs(cfg, tp: int, on_cuda: bool) -> dict[str, float]:
     """Bytes per device of each model: trained ones fp32 weights + grads + two AdamW moments
     (16 B/param, 4 with LoRA), scoring ones their weights in the compute dtype, each split over TP."""
     infer = 2 if on_cuda else 4
-    actor_p = _param_count(read_args(cfg.actor_ckpt_dir, cfg.model_type))
+    actor_p = _param_count(ckpt_args(cfg.actor_ckpt_dir, cfg.model_type))
     train = 16 if cfg.lora_rank <= 0 else 4
     costs = {"actor": train * actor_p / tp,
-             "reference": infer * _param_count(read_args(cfg.reference_ckpt_dir or cfg.actor_ckpt_dir,
+             "reference": infer * _param_count(ckpt_args(cfg.reference_ckpt_dir or cfg.actor_ckpt_dir,
                                                           cfg.model_type)) / tp}
     if cfg.estimator == "gae":
-        costs["critic"] = 16 * _param_count(read_args(cfg.critic_ckpt_dir)) / tp
+        costs["critic"] = 16 * _param_count(ckpt_args(cfg.critic_ckpt_dir)) / tp
     if "rm" in cfg.reward:
-        costs["reward"] = infer * _param_count(read_args(cfg.reward_model_ckpt_dir)) / tp
+        costs["reward"] = infer * _param_count(ckpt_args(cfg.reward_model_ckpt_dir)) / tp
     return costs
 
 

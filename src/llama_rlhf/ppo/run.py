@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from .. import parallel
-from ..checkpoint import CheckpointError, load_model, save_model, shard_files
+from ..checkpoint import CheckpointError, ckpt_args, load_model, save_model, shard_files
 from ..data.encoding import encode_prompt
 from ..records import load_records
 from ..errors import UsageError
@@ -22,7 +22,6 @@ from ..evaluation.evaluate import generate_texts
 from ..log import get_logger
 from ..lora import apply_lora, merged_state_dict
 from ..metrics import MetricsLogger
-from ..models.args import read_args
 from ..tasks.gsm8k import extract_answer, is_correct
 from ..tokenizers import load_tokenizer
 from ..trainers.optim import NonFiniteError, TrainingError, build_optimizer
@@ -37,11 +36,11 @@ log = get_logger(__name__)
 
 def _check_critic(cfg: PPOConfig) -> None:
     """The critic scores the actor's tokens: it must share the vocabulary and be a verifier."""
-    actor = read_args(cfg.actor_ckpt_dir, cfg.model_type)
+    actor = ckpt_args(cfg.actor_ckpt_dir, cfg.model_type)
     for name, path in (("--critic_ckpt_dir", cfg.critic_ckpt_dir), ("--reward_model_ckpt_dir", cfg.reward_model_ckpt_dir)):
         if not path:
             continue
-        other = read_args(path)
+        other = ckpt_args(path)
         if other.vocab_size != actor.vocab_size:
             raise CheckpointError(f"{name} {path}: vocab_size {other.vocab_size} differs from the actor's "
                                   f"{actor.vocab_size}; it cannot score the actor's tokens")
