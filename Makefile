@@ -3,7 +3,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: test demo eval-smollm2 install clean
+.PHONY: test demo eval-smollm2 install bench-deps clean
 
 # torch is pinned to the CPU build that the machine already holds, installed
 # first so nothing else can pull a multi-GB CUDA wheel; fairscale ships only an
@@ -36,6 +36,11 @@ eval-smollm2: $(STAMP)
 	$(BIN)/python checkpoint_split.py --ckpt_file $(wildcard $(SMOL_GGUF)) --save_path runs/smollm2-zero-shot/ckpt --num_shards 1 --overwrite
 	OMP_NUM_THREADS=2 $(BIN)/python solver_evaluate.py --ckpt_dir runs/smollm2-zero-shot/ckpt --label_file runs/smollm2-zero-shot/test.json \
 		--log_dir runs/smollm2-zero-shot --template chat --max_new_tokens 256 --max_batch_size 64 $(if $(LIMIT),--limit $(LIMIT),)
+
+# What only the benchmarks need (TRL, datasets; bench/requirements.txt), kept out of the library's
+# requirements; its constraint on requirements.txt keeps torch / transformers / accelerate as pinned.
+bench-deps: $(STAMP)
+	$(BIN)/pip install -q -r bench/requirements.txt
 
 clean:
 	rm -rf $(VENV) runs

