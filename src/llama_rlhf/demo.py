@@ -97,7 +97,7 @@ def smollm2_gguf() -> str:
 # model at fine-tuning learning rates, GRPO on the GSM8K rule (no critic or reward model to hold).
 PROFILES = {"tiny": {}, "smollm2": dict(
     nproc=1, slip=0.0, n_test=200, template="chat", sft_steps=60, sft_lr=3e-5, sft_batch=8, samples=4,
-    pair_questions=160, verifier_epochs=2, verifier_lr=1e-5, ppo_rounds=4, ppo_buffer=32, ppo_samples=4,
+    pair_questions=240, verifier_epochs=2, verifier_lr=3e-5, ppo_rounds=4, ppo_buffer=32, ppo_samples=4,
     ppo_estimator="grpo", ppo_reward="rule", ppo_actor_lr=2e-6, ppo_kl=0.02, ppo_t=1.0, max_new_tokens=96,
     max_seq_len=192)}
 
