@@ -53,6 +53,20 @@ def build(seed: int = 0, dim: int = 512, n_layers: int = 8, n_heads: int = 8, n_
     return ours.to(dtype), hf.to(dtype), args
 
 
+def add_size_flags(ap: argparse.ArgumentParser, title: str) -> None:
+    """The random llama's size flags, spelled once for every bench script that builds one (the
+    defaults are `build`'s); `build_from_flags` reads them back."""
+    size = ap.add_argument_group(title)
+    for flag, default in (("dim", 512), ("layers", 8), ("heads", 8), ("kv_heads", 4), ("ffn", 1408), ("vocab", 32000)):
+        size.add_argument(f"--{flag}", type=int, default=default)
+
+
+def build_from_flags(opt: argparse.Namespace, **kw):
+    """`build` at the size of `add_size_flags`' flags."""
+    return build(dim=opt.dim, n_layers=opt.layers, n_heads=opt.heads, n_kv_heads=opt.kv_heads,
+                 hidden_dim=opt.ffn, vocab_size=opt.vocab, **kw)
+
+
 def _kernels(rows: int, w: torch.Tensor) -> dict:
     """x[rows, K] @ w[N, K].T by MKL F.linear, oneDNN, and MKL with the weight pre-packed for
     `rows` (what inductor's freezing uses)."""
@@ -105,13 +119,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     ap.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
-    size = ap.add_argument_group("model size")
-    size.add_argument("--dim", type=int, default=512)
-    size.add_argument("--layers", type=int, default=8)
-    size.add_argument("--heads", type=int, default=8)
-    size.add_argument("--kv_heads", type=int, default=4)
-    size.add_argument("--ffn", type=int, default=1408)
-    size.add_argument("--vocab", type=int, default=32000)
+    add_size_flags(ap, "model size")
     opt = ap.parse_args()
     torch.set_num_threads(opt.threads)
 
@@ -123,9 +131,8 @@ def main() -> None:
         raise SystemExit("--device cuda: no CUDA device is visible")
     cuda = device.type == "cuda"
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(opt.dtype, torch.bfloat16 if cuda else torch.float32)
-    ours, hf, args = build(dim=opt.dim, n_layers=opt.layers, n_heads=opt.heads, n_kv_heads=opt.kv_heads,
-                           hidden_dim=opt.ffn, vocab_size=opt.vocab,
-                           max_seq_len=max(1024, opt.prompt_len + opt.new_tokens), device=str(device), dtype=dtype)
+    ours, hf, args = build_from_flags(opt, max_seq_len=max(1024, opt.prompt_len + opt.new_tokens),
+                                      device=str(device), dtype=dtype)
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(3, args.vocab_size, (opt.batch, opt.prompt_len), generator=g)
     n_tok = opt.batch * opt.new_tokens

