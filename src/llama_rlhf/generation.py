@@ -9,13 +9,15 @@ per row in that order.
 
 Slot scheduler
 * At most `max_batch` rows (default: all of them) run at once, each in a slot of one
-  pre-allocated `SlotCache` [layers, max_batch, S, kv heads, head dim], S = the longest
+  pre-allocated `SlotCache` [layers, max_batch, kv heads, S, head dim], S = the longest
   prompt plus its token budget. A row fills its slot from column 0, so position = column and
   every slot has its own length. The cache is never re-allocated.
 * A decode step is one batched forward over the slot prefix [0, nb): each slot feeds one token
   at its own column (one `index_copy_` per layer) and attends columns <= its own (and within
   the sliding window) through an additive key mask (0 / -inf in the model dtype; on CPU sdpa
-  is much faster with it than with a bool mask on the strided cache views).
+  is much faster with it than with a bool mask on the strided cache views). The cache is
+  head-major, and the query heads that share a key head attend it together (`attend`), so a
+  step reads each cached key once.
 * Admission: a waiting prompt is prefilled into its slot, all but its last token (right-padded
   blocks, causal, no mask); the last token is fed by the next decode step like any other
   row's token, so a new row's first logits come from the same batched step. The K samples of a
@@ -215,20 +217,24 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
 class SlotCache(KVCache):
     """A `KVCache` whose batch rows are slots, each with its own length.
 
-    Decode (`set_decode`): batch row b writes its one new key / value at flat index
-    `flat[b]` (slot b, its column) and attends columns [0, extent) of slot b. Prefill
+    Decode (`set_decode`): batch row b writes its one new key / value into slot b at column
+    `pos[b]` and attends columns [0, extent) of slot b. Prefill
     (`set_prefill`): prompt-block row src[j] is written into columns [0, T) of slot slots[j]
     (one row may fill several slots: the samples of one prompt), and attends only itself."""
 
     def __init__(self, args: ModelArgs, batch: int, max_len: int, device: torch.device, dtype: torch.dtype):
         super().__init__(args, batch, max_len, device, dtype)
         self.max_len = max_len
+        heads = self.k.shape[2]
+        # Row (slot, head) of a layer's cache viewed as [batch * H_kv * max_len, D], at column 0.
+        self._base = (torch.arange(batch, device=device)[:, None] * heads + torch.arange(heads, device=device)) * max_len
         self._flat: Optional[torch.Tensor] = None
         self._extent = 0
         self._slots: Optional[torch.Tensor] = None
         self._src: Optional[torch.Tensor] = None
 
-    def set_decode(self, flat: torch.Tensor, extent: int) -> None:
+    def set_decode(self, pos: torch.Tensor, extent: int) -> None:
+        flat = (self._base[:len(pos)] + pos[:, None]).reshape(-1)
         self._flat, self._extent, self._slots, self._src = flat, extent, None, None
 
     def set_prefill(self, slots: torch.Tensor, src: torch.Tensor) -> None:
@@ -236,14 +242,14 @@ class SlotCache(KVCache):
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: int):
         if self._slots is not None:
-            T = k.shape[1]
-            self.k[layer, self._slots, :T] = k[self._src].to(self.k.dtype)
-            self.v[layer, self._slots, :T] = v[self._src].to(self.v.dtype)
+            T = k.shape[2]
+            self.k[layer, self._slots, :, :T] = k[self._src].to(self.k.dtype)
+            self.v[layer, self._slots, :, :T] = v[self._src].to(self.v.dtype)
             return k, v
-        B, _, H, D = k.shape
-        self.k[layer].view(-1, H, D).index_copy_(0, self._flat, k[:, 0].to(self.k.dtype))
-        self.v[layer].view(-1, H, D).index_copy_(0, self._flat, v[:, 0].to(self.v.dtype))
-        return self.k[layer, :B, :self._extent], self.v[layer, :B, :self._extent]
+        B, H, _, D = k.shape
+        self.k[layer].view(-1, D).index_copy_(0, self._flat, k.reshape(B * H, D).to(self.k.dtype))
+        self.v[layer].view(-1, D).index_copy_(0, self._flat, v.reshape(B * H, D).to(self.v.dtype))
+        return self.k[layer, :B, :, :self._extent], self.v[layer, :B, :, :self._extent]
 
 
 def _to_device(data: Union[list, torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -309,7 +315,6 @@ class _Engine:
         self.nb = self.occupied = self.next_row = 0
         self.stash: Optional[tuple[int, torch.Tensor, torch.Tensor]] = None  # (prompt, keys, values)
         self.cols = torch.arange(width, device=dev)
-        self.slot_ids = torch.arange(batch, device=dev)
         self.window = model.args.sliding_window
         # Bool masks under autocast, where q's dtype differs from the model's (see the docstring).
         self.additive = not torch.is_autocast_enabled(dev.type)
@@ -335,7 +340,7 @@ class _Engine:
         st, nb = self.st, self.nb
         pos = st.pos[:nb]
         extent = max(self.slot_col[:nb]) + 1
-        self.cache.set_decode(self.slot_ids[:nb] * self.cache.max_len + pos, extent)
+        self.cache.set_decode(pos, extent)
         cols = self.cols[None, :extent]
         allowed = cols <= pos[:, None]
         if self.window is not None:  # keys more than `window` positions back drop out
@@ -439,9 +444,9 @@ class _Engine:
         stash = self.stash
         if stash is not None and stash[0] in slots_of:
             idx = _to_device(slots_of[stash[0]], self.dev)
-            n = stash[1].shape[1]
-            self.cache.k[:, idx, :n] = stash[1][:, None]
-            self.cache.v[:, idx, :n] = stash[2][:, None]
+            n = stash[1].shape[2]  # [layers, H_kv, n, D]
+            self.cache.k[:, idx, :, :n] = stash[1][:, None]
+            self.cache.v[:, idx, :, :n] = stash[2][:, None]
         self._prefill([p for p in slots_of if (stash is None or p != stash[0]) and len(self.prompts[p]) > 1],
                       slots_of)
         if stash is not None and self.next_row >= (stash[0] + 1) * self.K:
@@ -449,7 +454,7 @@ class _Engine:
         last = new[-1][1] // self.K
         if self.stash is None and self.next_row < (last + 1) * self.K:
             s, n = slots_of[last][0], len(self.prompts[last]) - 1
-            self.stash = (last, self.cache.k[:, s, :n].clone(), self.cache.v[:, s, :n].clone())
+            self.stash = (last, self.cache.k[:, s, :, :n].clone(), self.cache.v[:, s, :, :n].clone())
 
     def _prefill(self, todo: list[int], slots_of: dict[int, list[int]]) -> None:
         """Prefill prompts `todo` (all but the last token) into their slots, in blocks of about
@@ -488,7 +493,7 @@ class _Engine:
             src = _to_device(occ, self.dev)
             extent = max(self.slot_col[s] for s in occ) + 1
             for buf in (self.cache.k, self.cache.v):
-                buf[:, :m, :extent] = buf[:, src, :extent]
+                buf[:, :m, :, :extent] = buf[:, src, :, :extent]
             self.st.move(src, self.nb)
             for host in (self.slot_row, self.slot_n, self.slot_col, self.slot_last_col):
                 host[:self.nb] = [host[s] for s in occ] + [-1 if host is self.slot_row else 0] * (self.nb - m)

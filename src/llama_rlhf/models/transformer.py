@@ -79,12 +79,23 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, T, self.n_local_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_local_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer_id, k, v, cache_pos)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                             enable_gqa=self.n_local_heads != self.n_local_kv_heads)
-        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+        if cache is not None:
+            k, v = cache.update(self.layer_id, k, v, cache_pos)  # [B, H_kv, S, D]
+        return self.wo(attend(q, k, v, mask).transpose(1, 2).reshape(B, T, -1))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Attention of q [B, H, T, D] on k, v [B, H_kv, S, D] (H a multiple of H_kv), out [B, H, T, D].
+    mask [B, 1, T, S] (bool or additive); None is causal. A decoding step (T = 1) puts the
+    H / H_kv query heads of each key head in its query rows, so sdpa reads every cached key
+    once: its own GQA path (`enable_gqa`) copies the keys and values H / H_kv times on a CPU."""
+    B, H, T, D = q.shape
+    H_kv = k.shape[1]
+    if H != H_kv and T == 1 and mask is not None:
+        out = F.scaled_dot_product_attention(q.reshape(B, H_kv, H // H_kv, D), k, v, attn_mask=mask)
+        return out.reshape(B, H, 1, D)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=H != H_kv)
 
 
 class FeedForward(nn.Module):
@@ -211,16 +222,18 @@ def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: Optional[int] 
 
 
 class KVCache(nn.Module):
-    """Pre-allocated keys/values for every layer: [layers, B, S, H_kv_local, D]."""
+    """Pre-allocated keys/values for every layer, head-major: [layers, B, H_kv_local, S, D], so
+    that a decoding step reads each head's cached keys as one contiguous block."""
 
     def __init__(self, args: ModelArgs, batch: int, max_len: int, device, dtype):
         super().__init__()
-        shape = (args.n_layers, batch, max_len, args.n_kv_heads // tp_size(), args.head_dim)
+        shape = (args.n_layers, batch, args.n_kv_heads // tp_size(), max_len, args.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: int):
-        T = k.shape[1]
-        self.k[layer, :, pos:pos + T] = k
-        self.v[layer, :, pos:pos + T] = v
-        return self.k[layer, :, :pos + T], self.v[layer, :, :pos + T]
+        """Write k, v [B, H_kv, T, D] at columns pos..pos+T-1; the layer's keys and values so far."""
+        T = k.shape[2]
+        self.k[layer, :, :, pos:pos + T] = k
+        self.v[layer, :, :, pos:pos + T] = v
+        return self.k[layer, :, :, :pos + T], self.v[layer, :, :, :pos + T]
