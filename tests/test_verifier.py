@@ -13,12 +13,14 @@ import pytest
 import torch
 
 from llama_rlhf.checkpoint import CheckpointError, load_model, save_meta
-from llama_rlhf.data.pairs import DataError, PairDataset, load_pair_dataset, make_pairs
+from llama_rlhf.data.pairs import DataError, PairDataset, load_pair_dataset, make_pairs, slip_solution
 from llama_rlhf.records import write_json_atomic
 from llama_rlhf.data.synthetic import make_splits
+from llama_rlhf.errors import UsageError
 from llama_rlhf.evaluation.best_of_n import best_of_n_report, rerank_with_verifier, score_samples
 from llama_rlhf.models import attach_reward_head, build_model, preset_args
 from llama_rlhf.scoring import pair_batch, sequence_scores
+from llama_rlhf.tasks.gsm8k import grade
 from llama_rlhf.tokenizers import load_tokenizer
 from llama_rlhf.trainers.verifier import (
     VerifierConfig,
@@ -242,6 +244,56 @@ def test_make_pairs_from_results(tmp_path):
     (tmp_path / "none.json").write_text(json.dumps({"items": RESULTS["items"][1:3]}))
     with pytest.raises(DataError, match="no question has both"):
         make_pairs(str(tmp_path / "none.json"), str(tmp_path / "p.json"))
+
+
+class _FixedDraws:
+    """An rng stub: step `index` slips, by `delta`."""
+
+    def __init__(self, index: int, delta: int):
+        self.index, self.delta = index, delta
+
+    def randrange(self, n: int) -> int:
+        return self.index
+
+    def choice(self, options: list) -> int:
+        assert self.delta in options
+        return self.delta
+
+
+def test_slip_solution_carries_one_wrong_sum_through():
+    synthetic = "He buys 5 more, so 11 + 5 = 16 coins. The coins triple, so 16 * 3 = 48 coins. Therefore, the answer is 48."
+    assert slip_solution(synthetic, _FixedDraws(0, 3)) == \
+        "He buys 5 more, so 11 + 5 = 19 coins. The coins triple, so 19 * 3 = 57 coins. Therefore, the answer is 57."
+    assert slip_solution(synthetic, _FixedDraws(1, -2)) == \
+        "He buys 5 more, so 11 + 5 = 16 coins. The coins triple, so 16 * 3 = 46 coins. Therefore, the answer is 46."
+    gsm8k = "She sold 48/2 = <<48/2=24>>24 clips in May.\nShe sold 48+24 = <<48+24=72>>72 clips.\n#### 72"
+    assert slip_solution(gsm8k, _FixedDraws(0, 6)) == \
+        "She sold 48/2 = <<48/2=30>>30 clips in May.\nShe sold 48+30 = <<48+30=78>>78 clips.\n#### 78"
+    assert slip_solution("no arithmetic here", _FixedDraws(0, 1)) is None
+
+
+def test_slipped_pairs_have_exactly_one_wrong_step(tmp_path):
+    train, _ = make_splits(60, 1, seed=4)
+    write_json_atomic(train, tmp_path / "train.json")
+    src = tmp_path / "results.json"
+    src.write_text(json.dumps(RESULTS))
+    stats = make_pairs(str(src), str(tmp_path / "pairs.json"), gold_file=str(tmp_path / "train.json"),
+                       slipped=50, seed=1)
+    assert stats["pairs"] == 5 and stats["slipped_pairs"] == 50
+    pairs = json.loads((tmp_path / "pairs.json").read_text())
+    labels = {r["instruction"]: r["label"] for r in train}
+    slipped = [p for p in pairs if p["instruction"] in labels]
+    assert len(slipped) == 50 and len(pairs) == 55
+    ops = {"+": int.__add__, "-": int.__sub__, "*": int.__mul__}
+    for p in slipped:
+        (gold,), (bad,) = p["chosen"], p["rejected"]
+        assert grade(gold, labels[p["instruction"]]) and not grade(bad, labels[p["instruction"]])
+        steps = re.findall(r"(\d+) ([-+*]) (\d+) = (-?\d+)", bad)
+        wrong = [ops[op](int(a), int(b)) != int(c) for a, op, b, c in steps]
+        assert sum(wrong) == 1, bad
+        assert bad.endswith(f"the answer is {steps[-1][3]}.")  # the slip reaches the answer
+    with pytest.raises(UsageError, match="--gold_file"):
+        make_pairs(str(src), str(tmp_path / "p.json"), slipped=3)
 
 
 def test_best_of_n_report():

@@ -33,6 +33,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import random
+import re
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -259,15 +261,19 @@ def _spread(n_c: int, n_r: int) -> list[tuple[int, int]]:
     return sorted(itertools.product(range(n_c), range(n_r)), key=lambda ij: ((ij[1] - ij[0]) % n_r, ij[0]))
 
 
-def make_pairs(results_json: str, dst: str, max_pairs_per_question: int = 4) -> dict:
+def make_pairs(results_json: str, dst: str, max_pairs_per_question: int = 4, gold_file: Optional[str] = None,
+               slipped: int = 0, seed: int = 0) -> dict:
     """`dataset/make_pairs.py`: solver_evaluate `--num_samples K` results -> pairwise records.
 
     Each question's distinct correct samples are chosen answers, its distinct wrong ones
     rejected answers; up to `max_pairs_per_question` pairs are written per question, one record
     per pair. Questions whose samples are all correct or all wrong give no pair (counted).
-    Returns the counts (also logged)."""
+    `slipped` > 0 adds that many (gold solution, one wrong sum) pairs from `gold_file`
+    (`slipped_pairs`), shuffled in with `seed`. Returns the counts (also logged)."""
     if max_pairs_per_question < 1:
         raise UsageError(f"--max_pairs_per_question must be >= 1, got {max_pairs_per_question}")
+    if slipped < 0 or (slipped and gold_file is None):
+        raise UsageError(f"--slipped_pairs {slipped}: needs a count >= 0 and, when > 0, --gold_file")
     try:
         with open(results_json, encoding="utf-8") as f:
             results = json.load(f)
@@ -297,11 +303,74 @@ def make_pairs(results_json: str, dst: str, max_pairs_per_question: int = 4) -> 
         raise DataError(f"{results_json}: no question has both a correct and a wrong sample "
                         f"({stats['all_correct']} all correct, {stats['all_wrong']} all wrong); "
                         f"sample more answers per question (--num_samples) or at a higher --t")
+    if slipped:
+        extra = slipped_pairs(gold_file, slipped, seed)
+        stats["slipped_pairs"] = len(extra)
+        out += extra
+        random.Random(seed).shuffle(out)
     write_json_atomic(out, dst)
     get_logger().info(f"make_pairs: {stats['pairs']} pairs from {stats['used_questions']} of {stats['questions']} "
-                      f"questions -> {dst}; skipped {stats['all_correct']} all-correct and {stats['all_wrong']} "
-                      f"all-wrong questions")
+                      f"questions, {stats.get('slipped_pairs', 0)} slipped gold pairs -> {dst}; skipped "
+                      f"{stats['all_correct']} all-correct and {stats['all_wrong']} all-wrong questions")
     return stats
+
+
+# "a op b = c" as solutions state a step: "27 - 13 = 14", and GSM8K's "<<27-13=14>>".
+_STEP = re.compile(r"(\d+)(\s*)([-+*/])(\s*)(\d+)(\s*=\s*)(\d+)")
+_NUMBER = re.compile(r"\d+")
+_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
+        "/": lambda a, b: a // b if b and a % b == 0 else None}
+
+
+def slip_solution(text: str, rng: random.Random, max_delta: int = 10) -> Optional[str]:
+    """`text` with one wrong sum: one stated step "a op b = c" gets c + d (0 < |d| <= max_delta,
+    the result stays positive), and what follows is carried on from it as a consistent solver
+    would: later steps take the changed values as operands and are recomputed, and later
+    numbers equal to a changed value ("the answer is 14") change with it. None: no step.
+
+    This is the mistake a small solver makes ("27 - 13 = 19 pens are left ... the answer is
+    19"), which a verifier can only catch by redoing the arithmetic; pairs (solution, its
+    slipped twin) differ in nothing else."""
+    steps = list(_STEP.finditer(text))
+    if not steps:
+        return None
+    slip = rng.randrange(len(steps))
+    changed: dict[int, int] = {}
+
+    def carry(part: str) -> str:
+        return _NUMBER.sub(lambda m: str(changed.get(int(m[0]), m[0])), part) if changed else part
+
+    out, end = [text[:steps[slip].start()]], steps[slip].start()
+    for j, m in enumerate(steps[slip:], start=slip):
+        out.append(carry(text[end:m.start()]))
+        a, b, c = (changed.get(int(m[i]), int(m[i])) for i in (1, 5, 7))
+        value = _OPS[m[3]](a, b) if j > slip else int(m[7])
+        if j == slip:
+            value += rng.choice([d for d in range(-max_delta, max_delta + 1) if d and value + d > 0])
+        value = c if value is None else value  # a division that no longer divides stays as stated
+        if value != int(m[7]):
+            changed[int(m[7])] = value
+        out.append(f"{a}{m[2]}{m[3]}{m[4]}{b}{m[6]}{value}")
+        end = m.end()
+    out.append(carry(text[end:]))
+    return "".join(out)
+
+
+def slipped_pairs(gold_file: str, n: int, seed: int) -> list[dict]:
+    """Pairwise records (gold solution, `slip_solution` of it) for the first n records of an
+    SFT file (instruction, output) whose solution states a step."""
+    rng = random.Random(seed)
+    out = []
+    for i, rec in enumerate(load_records(gold_file, ("instruction", "output"))):
+        if len(out) >= n:
+            break
+        gold = rec["output"][0] if isinstance(rec["output"], list) else rec["output"]
+        if not isinstance(gold, str):
+            raise DataError(f"{gold_file}: record {i}: 'output' must be a string or a list of strings")
+        bad = slip_solution(gold, rng)
+        if bad is not None:
+            out.append({"instruction": rec["instruction"], "chosen": [gold], "rejected": [bad]})
+    return out
 
 
 @dataclass
@@ -310,12 +379,15 @@ class PairsConfig:
     results: str = flag(path="file")  # solver_evaluate.py --num_samples K results.json
     dst: str = flag()
     max_pairs_per_question: int = 4
+    gold_file: Optional[str] = flag(None, path="file")  # SFT records (instruction, output) for --slipped_pairs
+    slipped_pairs: int = 0  # add this many (gold, gold with one wrong sum) pairs
+    seed: int = 0
 
 
 def make_pairs_command(cfg: PairsConfig) -> dict:
-    return make_pairs(cfg.results, cfg.dst, cfg.max_pairs_per_question)
+    return make_pairs(cfg.results, cfg.dst, cfg.max_pairs_per_question, cfg.gold_file, cfg.slipped_pairs, cfg.seed)
 
 
 __all__ = ["PairsConfig", "make_pairs_command", "Pair", "Point", "PairDataset", "load_pair_dataset", "encode_prompt", "encode_response", "fit_length",
-           "collate_pairs", "make_pairs", "results_items",
+           "collate_pairs", "make_pairs", "results_items", "slip_solution", "slipped_pairs",
            "sample_correctness", "DataError"]
