@@ -206,8 +206,10 @@ def setup_verifier(cfg: VerifierConfig) -> VerifierTrainer:
     def collate(indices: list[int], epoch: int, _ds=train) -> dict:
         return _ds.collate(indices, epoch, use_packing)
 
+    # Without the LM term the vocabulary projection never runs: its FLOPs are not in `mfu`.
+    n_params = None if cfg.lm_coef else parallel.param_count(model, exclude=("tok_embeddings", "output"))
     trainer = VerifierTrainer(model, objective, len(train), collate, cfg, tok_path,
-                              plot_keys=("loss", "accuracy", "margin"))
+                              plot_keys=("loss", "accuracy", "margin"), n_params=n_params)
     trainer.dataset, trainer.held_out, trainer.tokenizer = train, held_out, tokenizer
     if held_out is not None:
         bs = cfg.eval_batch_size or cfg.max_batch_size
