@@ -343,11 +343,12 @@ def slip_solution(text: str, rng: random.Random, max_delta: int = 10) -> Optiona
     out, end = [text[:steps[slip].start()]], steps[slip].start()
     for j, m in enumerate(steps[slip:], start=slip):
         out.append(carry(text[end:m.start()]))
-        a, b, c = (changed.get(int(m[i]), int(m[i])) for i in (1, 5, 7))
-        value = _OPS[m[3]](a, b) if j > slip else int(m[7])
+        a, b, stated = (changed.get(int(m[i]), int(m[i])) for i in (1, 5, 7))
         if j == slip:
-            value += rng.choice([d for d in range(-max_delta, max_delta + 1) if d and value + d > 0])
-        value = c if value is None else value  # a division that no longer divides stays as stated
+            value = stated + rng.choice([d for d in range(-max_delta, max_delta + 1) if d and stated + d > 0])
+        else:
+            value = _OPS[m[3]](a, b)
+            value = stated if value is None else value  # a division that no longer divides stays as stated
         if value != int(m[7]):
             changed[int(m[7])] = value
         out.append(f"{a}{m[2]}{m[3]}{m[4]}{b}{m[6]}{value}")
@@ -364,9 +365,7 @@ def slipped_pairs(gold_file: str, n: int, seed: int) -> list[dict]:
     for i, rec in enumerate(load_records(gold_file, ("instruction", "output"))):
         if len(out) >= n:
             break
-        gold = rec["output"][0] if isinstance(rec["output"], list) else rec["output"]
-        if not isinstance(gold, str):
-            raise DataError(f"{gold_file}: record {i}: 'output' must be a string or a list of strings")
+        gold = _texts(rec, "output", f"{gold_file}: record {i}")[0]
         bad = slip_solution(gold, rng)
         if bad is not None:
             out.append({"instruction": rec["instruction"], "chosen": [gold], "rejected": [bad]})
