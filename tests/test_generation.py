@@ -189,6 +189,31 @@ def test_three_slots_serving_ten_prompts_equal_each_prompt_alone(cases):
     _assert_fresh_logprobs(m, prompts, out)
 
 
+def test_chunked_attention_and_resorted_slots_are_invisible(cases, monkeypatch):
+    """Decode attention in chunks of 2 slots, each over its own columns, and slots re-sorted by
+    column whenever that reads fewer keys: every row is still the row of a one-slot run."""
+    import llama_rlhf.generation as generation
+
+    c = cases["llama"]
+    m = c["model"]
+    prompts = _many_prompts(m.args.vocab_size)
+    kw = dict(temperature=1.0, seed=6, max_seq_len=SEQ, num_samples=2)
+    eos = _common_token(generate(m, prompts, NEW, eos_id=-1, **kw).tokens)
+    ref = generate(m, prompts, NEW, eos_id=eos, max_batch=1, **kw)
+    extents, moves = [], []
+    set_decode, move = generation.SlotCache.set_decode, generation._Slots.move
+    monkeypatch.setattr(generation.SlotCache, "set_decode",
+                        lambda self, pos, ext: (extents.append(ext), set_decode(self, pos, ext))[1])
+    monkeypatch.setattr(generation._Slots, "move", lambda self, src, nb: (moves.append(nb), move(self, src, nb))[1])
+    monkeypatch.setattr(generation, "_ATTN_CHUNK", 2)
+    monkeypatch.setattr(generation, "_RESORT", 1.0)
+    out = generate(m, prompts, NEW, eos_id=eos, max_batch=7, **kw)
+    assert (out.tokens, out.finish_reasons) == (ref.tokens, ref.finish_reasons)
+    assert max(abs(a - b) for x, y in zip(out.logprobs, ref.logprobs) for a, b in zip(x, y)) <= 1e-5
+    assert any(len(set(e)) > 1 for e in extents)  # chunks really attend different column counts
+    assert any(nb == 7 for nb in moves)  # and slots were re-sorted while rows still waited
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("max_batch", [1, 2])
 def test_greedy_matches_hf_whatever_max_batch_and_order(cases, family, max_batch):

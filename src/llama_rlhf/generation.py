@@ -13,11 +13,14 @@ Slot scheduler
   prompt plus its token budget. A row fills its slot from column 0, so position = column and
   every slot has its own length. The cache is never re-allocated.
 * A decode step is one batched forward over the slot prefix [0, nb): each slot feeds one token
-  at its own column (one `index_copy_` per layer) and attends columns <= its own (and within
+  at its own column (one indexed write per layer) and attends columns <= its own (and within
   the sliding window) through an additive key mask (0 / -inf in the model dtype; on CPU sdpa
   is much faster with it than with a bool mask on the strided cache views). The cache is
   head-major, and the query heads that share a key head attend it together (`attend`), so a
-  step reads each cached key once.
+  step reads each cached key once. Attention runs in chunks of `_ATTN_CHUNK` slots, each
+  over the columns its longest slot needs: a new row then reads keys for its own length, not
+  for the oldest row's (one rectangle over the prefix had read 1.6x the keys needed in
+  bench/rollout.py's schedule, chunks of sorted slots 1.27x).
 * Admission: a waiting prompt is prefilled into its slot, all but its last token (right-padded
   blocks, causal, no mask); the last token is fed by the next decode step like any other
   row's token, so a new row's first logits come from the same batched step. The K samples of a
@@ -27,8 +30,11 @@ Slot scheduler
   one that emitted a stop id or stop string is seen when the host reads the finish codes: every
   step on CPU (free there) or with stop strings, every 8th step on CUDA (the finished row idles
   meanwhile, its writes going to a scratch row). A retired slot takes the next waiting row at
-  once; with the queue empty and at most half of the prefix occupied, the occupied slots move
-  to the front and the prefix shrinks.
+  once. Re-sorting (`_reorder`): when sorting the slots by column, longest first, would make the
+  chunks read `_RESORT` times fewer keys, the occupied slots move to the front in that order
+  (a copy of the moved slots' caches, 8 times in bench/rollout.py's 1,024 steps), and the free
+  slots, which the next short rows take, come last; with the queue empty and at most half of
+  the prefix occupied, they move anyway and the prefix shrinks to them.
 * Tokens and log-probs go into per-row device buffers, copied to the host once at the end.
 
 Sampling
@@ -66,7 +72,7 @@ import torch.nn as nn
 
 from .errors import UsageError
 from .models.args import ModelArgs
-from .models.transformer import KVCache, Transformer
+from .models.transformer import KVCache, Transformer, attend
 
 _RUNNING, _EOS, _STOP, _LENGTH, _FREE = 0, 1, 2, 3, 4
 REASONS = {_EOS: "eos", _STOP: "stop", _LENGTH: "length"}
@@ -75,6 +81,10 @@ _GOLDEN = 0x9E3779B9  # 2^32 / golden ratio: spreads consecutive counters over t
 _PREFILL_TOKENS = 8192  # prompt tokens per prefill forward: bounds its activations, not its speed
 # Decode steps between reads of the finish codes: a read is free on CPU, a stall on an accelerator.
 _CPU_SYNC_EVERY, _CUDA_SYNC_EVERY = 1, 8
+_ATTN_CHUNK = 16  # slots per attention call of a decode step (SlotCache)
+# Re-sort the slots by column when chunked attention reads this many times the keys it would
+# with sorted slots (Engine._reorder): a re-sort copies the moved slots' caches.
+_RESORT = 1.25
 
 EosIds = Union[int, Sequence[int]]
 
@@ -103,7 +113,8 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, top_k: i
     `torch.Generator` (None: the global one) to draw them from."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    if temperature != 1.0:
+        logits = logits / temperature
     idx = None
     if top_k and top_k < logits.shape[-1]:
         logits, idx = logits.topk(top_k, dim=-1)  # sorted, descending
@@ -218,38 +229,56 @@ class SlotCache(KVCache):
     """A `KVCache` whose batch rows are slots, each with its own length.
 
     Decode (`set_decode`): batch row b writes its one new key / value into slot b at column
-    `pos[b]` and attends columns [0, extent) of slot b. Prefill
-    (`set_prefill`): prompt-block row src[j] is written into columns [0, T) of slot slots[j]
-    (one row may fill several slots: the samples of one prompt), and attends only itself."""
+    `pos[b]`. The slot prefix attends in chunks of `_ATTN_CHUNK` consecutive slots, each over
+    the columns its longest slot needs, a slot's own columns picked by its key mask: one
+    rectangle over the whole prefix would make every new, short row read as many keys as the
+    oldest one. Prefill (`set_prefill`): prompt-block row src[j] is written into columns [0, T)
+    of slot slots[j] (one row may fill several slots: the samples of one prompt), and attends
+    only itself."""
 
-    def __init__(self, args: ModelArgs, batch: int, max_len: int, device: torch.device, dtype: torch.dtype):
+    def __init__(self, args: ModelArgs, batch: int, max_len: int, device: torch.device, dtype: torch.dtype,
+                 additive: bool):
         super().__init__(args, batch, max_len, device, dtype)
-        self.max_len = max_len
+        self.window, self.additive = args.sliding_window, additive
         heads = self.k.shape[2]
         # Row (slot, head) of a layer's cache viewed as [batch * H_kv * max_len, D], at column 0.
         self._base = (torch.arange(batch, device=device)[:, None] * heads + torch.arange(heads, device=device)) * max_len
+        self._cols = torch.arange(max_len, device=device)
         self._flat: Optional[torch.Tensor] = None
-        self._extent = 0
+        self._chunks: list[tuple[int, int, torch.Tensor]] = []  # (first slot, end slot, key mask)
         self._slots: Optional[torch.Tensor] = None
         self._src: Optional[torch.Tensor] = None
 
-    def set_decode(self, pos: torch.Tensor, extent: int) -> None:
-        flat = (self._base[:len(pos)] + pos[:, None]).reshape(-1)
-        self._flat, self._extent, self._slots, self._src = flat, extent, None, None
+    def set_decode(self, pos: torch.Tensor, extents: list[int]) -> None:
+        """pos [nb]: the column each slot feeds; extents[i]: the columns chunk i attends."""
+        self._flat = (self._base[:len(pos)] + pos[:, None]).reshape(-1)
+        self._slots = self._src = None
+        self._chunks = []
+        for i, extent in enumerate(extents):
+            a = i * _ATTN_CHUNK
+            b = min(a + _ATTN_CHUNK, len(pos))
+            p, cols = pos[a:b, None], self._cols[None, :extent]
+            allowed = cols <= p
+            if self.window is not None:  # keys more than `window` positions back drop out
+                allowed = allowed & (p - cols < self.window)
+            self._chunks.append((a, b, _as_mask(allowed, self.additive, self.k.dtype)[:, None, None]))
 
     def set_prefill(self, slots: torch.Tensor, src: torch.Tensor) -> None:
         self._flat, self._slots, self._src = None, slots, src
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: int):
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: Optional[torch.Tensor], pos: int) -> torch.Tensor:
         if self._slots is not None:
             T = k.shape[2]
             self.k[layer, self._slots, :, :T] = k[self._src].to(self.k.dtype)
             self.v[layer, self._slots, :, :T] = v[self._src].to(self.v.dtype)
-            return k, v
+            return attend(q, k, v, mask)
         B, H, _, D = k.shape
-        self.k[layer].view(-1, D).index_copy_(0, self._flat, k.reshape(B * H, D).to(self.k.dtype))
-        self.v[layer].view(-1, D).index_copy_(0, self._flat, v.reshape(B * H, D).to(self.v.dtype))
-        return self.k[layer, :B, :, :self._extent], self.v[layer, :B, :, :self._extent]
+        self.k[layer].view(-1, D)[self._flat] = k.reshape(B * H, D).to(self.k.dtype)
+        self.v[layer].view(-1, D)[self._flat] = v.reshape(B * H, D).to(self.v.dtype)
+        outs = [attend(q[a:b], self.k[layer, a:b, :, :m.shape[-1]], self.v[layer, a:b, :, :m.shape[-1]], m)
+                for a, b, m in self._chunks]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def _to_device(data: Union[list, torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -299,11 +328,12 @@ class _Engine:
                  sampling: _Sampling, stop_ids: list[int], stops: Optional[_StopChecker], batch: int,
                  dev: torch.device, dtype: torch.dtype, progress: Optional[Callable[[int], None]]):
         self.model, self.prompts, self.K, self.budgets, self.sampling = model, prompts, num_samples, budgets, sampling
-        self.stops, self.dev, self.dtype, self.progress = stops, dev, dtype, progress
+        self.stops, self.dev, self.progress = stops, dev, progress
         self.stop_ids = torch.tensor(stop_ids, device=dev) if stop_ids else None
         self.n_rows = len(prompts) * num_samples
         width = max(len(p) + b for p, b in zip(prompts, budgets) if b > 0)
-        self.cache = SlotCache(model.args, batch, width, dev, dtype)
+        # Bool masks under autocast, where q's dtype differs from the model's (see the docstring).
+        self.cache = SlotCache(model.args, batch, width, dev, dtype, additive=not torch.is_autocast_enabled(dev.type))
         self.st = _Slots(batch, self.n_rows, dev)  # row n_rows is the scratch row
         steps = max(budgets)
         self.out_tok = torch.zeros((self.n_rows + 1, steps), dtype=torch.int32, device=dev)
@@ -314,10 +344,6 @@ class _Engine:
         self.slot_last_col = [0] * batch  # the column its last token would be fed at
         self.nb = self.occupied = self.next_row = 0
         self.stash: Optional[tuple[int, torch.Tensor, torch.Tensor]] = None  # (prompt, keys, values)
-        self.cols = torch.arange(width, device=dev)
-        self.window = model.args.sliding_window
-        # Bool masks under autocast, where q's dtype differs from the model's (see the docstring).
-        self.additive = not torch.is_autocast_enabled(dev.type)
         self.sync_every = 1 if stops is not None else _CPU_SYNC_EVERY if dev.type == "cpu" else _CUDA_SYNC_EVERY
 
     def run(self) -> Generation:
@@ -330,7 +356,7 @@ class _Engine:
             if done:
                 self._retire(done)
                 self._admit()
-                self._compact()
+                self._reorder()
         return self._result()
 
     # ------------------------------------------------------------------ one step
@@ -339,14 +365,8 @@ class _Engine:
         """One forward of the slot prefix: every slot feeds its token at its column; logits [nb, V]."""
         st, nb = self.st, self.nb
         pos = st.pos[:nb]
-        extent = max(self.slot_col[:nb]) + 1
-        self.cache.set_decode(pos, extent)
-        cols = self.cols[None, :extent]
-        allowed = cols <= pos[:, None]
-        if self.window is not None:  # keys more than `window` positions back drop out
-            allowed = allowed & (pos[:, None] - cols < self.window)
-        mask = _as_mask(allowed, self.additive, self.dtype)[:, None, None]
-        h = self.model.hidden(st.fed[:nb, None], positions=pos[:, None], mask=mask, cache=self.cache)
+        self.cache.set_decode(pos, [e for _, e in _chunk_extents(self.slot_col[:nb])])
+        h = self.model.hidden(st.fed[:nb, None], positions=pos[:, None], cache=self.cache)  # masks: the cache's
         return self.model.output(h).float()[:, 0]
 
     def _sample(self, logits: torch.Tensor) -> None:
@@ -355,7 +375,7 @@ class _Engine:
         t, live = st.t[:nb], st.reason[:nb] == _RUNNING
         noise = _uniforms(st.key[:nb], t) if sp.temperature > 0 else None
         nxt = sample_next(logits, sp.temperature, sp.top_p, sp.top_k, noise)
-        lp = logits.gather(-1, nxt[:, None])[:, 0] - logits.logsumexp(dim=-1)
+        lp = torch.log_softmax(logits, dim=-1).gather(-1, nxt[:, None])[:, 0]  # on CPU ~2x faster than logsumexp
         dest = torch.where(live, st.row[:nb], self.n_rows)  # idle slots write to the scratch row
         self.out_tok[dest, t] = nxt.to(torch.int32)
         self.out_lp[dest, t] = lp
@@ -482,22 +502,30 @@ class _Engine:
         self.cache.set_prefill(_to_device(slots, self.dev), _to_device(src, self.dev))
         self.model.hidden(_to_device(tokens, self.dev), cache=self.cache)  # positions 0..width-1, causal mask
 
-    def _compact(self) -> None:
-        """With nothing waiting and at most half of the prefix occupied, move the occupied slots
-        to the front: later decode steps run (and attend) fewer rows."""
-        occ = [s for s in range(self.nb) if self.slot_row[s] >= 0]
-        if self.next_row < self.n_rows or len(occ) > self.nb // 2:
-            return
+    def _reorder(self) -> None:
+        """Move the occupied slots to the front, longest first, when that makes a decode step's
+        chunks attend `_RESORT` times fewer keys, and always once nothing waits and at most half
+        of the prefix is occupied: then the prefix shrinks to them, and later steps run fewer rows.
+        The free slots come last, so the next admitted (short) rows join the short end."""
+        nb = self.nb
+        occ = sorted((s for s in range(nb) if self.slot_row[s] >= 0), key=lambda s: -self.slot_col[s])
         m = len(occ)
-        if occ != list(range(m)):
-            src = _to_device(occ, self.dev)
+        shrink = self.next_row >= self.n_rows and m <= nb // 2
+        if not shrink:
+            now = [self.slot_col[s] if self.slot_row[s] >= 0 else 0 for s in range(nb)]
+            if _attended(now) <= _RESORT * _attended([self.slot_col[s] for s in occ] + [0] * (nb - m)):
+                return
+        moved = [i for i in range(m) if occ[i] != i]
+        if moved:
+            dst, src = _to_device(moved, self.dev), _to_device([occ[i] for i in moved], self.dev)
             extent = max(self.slot_col[s] for s in occ) + 1
             for buf in (self.cache.k, self.cache.v):
-                buf[:, :m, :, :extent] = buf[:, src, :, :extent]
-            self.st.move(src, self.nb)
+                buf[:, dst, :, :extent] = buf[:, src, :, :extent]
+            self.st.move(_to_device(occ, self.dev), nb)
             for host in (self.slot_row, self.slot_n, self.slot_col, self.slot_last_col):
-                host[:self.nb] = [host[s] for s in occ] + [-1 if host is self.slot_row else 0] * (self.nb - m)
-        self.nb = m
+                host[:nb] = [host[s] for s in occ] + [-1 if host is self.slot_row else 0] * (nb - m)
+        if shrink:
+            self.nb = m
 
     def _result(self) -> Generation:
         n = self.n_rows
@@ -506,6 +534,16 @@ class _Engine:
         return Generation(tokens=[toks[i][:lengths[i]] for i in range(n)],
                           logprobs=[lps[i][:lengths[i]] for i in range(n)],
                           finish_reasons=[REASONS[r] for r in reasons])
+
+
+def _chunk_extents(cols: list[int]) -> list[tuple[int, int]]:
+    """(slots, key columns) of each attention chunk of a decode step whose slots feed columns `cols`."""
+    return [(len(cols[a:a + _ATTN_CHUNK]), max(cols[a:a + _ATTN_CHUNK]) + 1) for a in range(0, len(cols), _ATTN_CHUNK)]
+
+
+def _attended(cols: list[int]) -> int:
+    """Key columns a decode step reads (all chunks, masked ones too) with slots at columns `cols`."""
+    return sum(n * e for n, e in _chunk_extents(cols))
 
 
 def _as_mask(allowed: torch.Tensor, additive: bool, dtype: torch.dtype) -> torch.Tensor:

@@ -80,9 +80,11 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_local_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
-        if cache is not None:
-            k, v = cache.update(self.layer_id, k, v, cache_pos)  # [B, H_kv, S, D]
-        return self.wo(attend(q, k, v, mask).transpose(1, 2).reshape(B, T, -1))
+        if cache is None:
+            out = attend(q, k, v, mask)
+        else:
+            out = cache.attend(self.layer_id, q, k, v, mask, cache_pos)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -237,3 +239,9 @@ class KVCache(nn.Module):
         self.k[layer, :, :, pos:pos + T] = k
         self.v[layer, :, :, pos:pos + T] = v
         return self.k[layer, :, :, :pos + T], self.v[layer, :, :, :pos + T]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: Optional[torch.Tensor], pos: int) -> torch.Tensor:
+        """Store the new k, v [B, H_kv, T, D] at `pos`; attention of q [B, H, T, D] on all keys so far."""
+        k, v = self.update(layer, k, v, pos)
+        return attend(q, k, v, mask)
