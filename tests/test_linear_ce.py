@@ -145,6 +145,13 @@ def test_linear_logprobs_and_entropy_match_autograd_of_log_softmax():
     torch.testing.assert_close(out.weight.grad, w2.grad, rtol=1e-4, atol=1e-5)
     assert ent2.mean() > 1.0 and h2.grad.abs().max() > 1e-2  # a real distribution, a real gradient
 
+    # Log-probs alone (no entropy bonus: its upstream gradient is None), as PPO's usual loss.
+    hh.grad = out.weight.grad = h2.grad = w2.grad = None
+    (linear_logprobs(hh, out, y, chunk=CHUNK)[0] * g_lp).sum().backward()
+    (torch.log_softmax(h2 @ w2.t(), dim=-1).gather(1, y[:, None])[:, 0] * g_lp).sum().backward()
+    torch.testing.assert_close(hh.grad, h2.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.weight.grad, w2.grad, rtol=1e-4, atol=1e-5)
+
 
 def test_action_logprobs_match_a_full_forward():
     """`scoring.action_logprobs` (only action positions projected) against the model's full

@@ -79,8 +79,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 class _LinearLogprobs(torch.autograd.Function):
     """Per row i: log softmax(h_i W^T)[y_i] and the entropy of softmax(h_i W^T), fp32 [N] each.
-    Chunked like _LinearCrossEntropy; the backward recomputes each chunk's softmax (the
-    per-row upstream gradients are only known then), so memory stays one [chunk, V] block.
+    Chunked like _LinearCrossEntropy. The backward forms each chunk's logits again (the per-row
+    upstream gradients are only known then) and turns them into dz in place from the saved
+    log-normalisers: memory stays one [chunk, V] block plus one more for the probabilities, in
+    a few passes over the block.
     d logp_i / dz = onehot(y_i) - p;  d H_i / dz = -p * (log p + H_i)."""
 
     @staticmethod
@@ -89,38 +91,46 @@ class _LinearLogprobs(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         w = weight.to(dtype)
         logp = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
-        ent = torch.empty_like(logp)
+        ent, lse = torch.empty_like(logp), torch.empty_like(logp)
         for s in range(0, h.shape[0], chunk):
-            logits = (h[s:s + chunk].to(dtype) @ w.t()).float()  # [c, V]
-            lse = torch.logsumexp(logits, dim=-1)
-            logp[s:s + chunk] = logits.gather(1, targets[s:s + chunk, None])[:, 0] - lse
-            ent[s:s + chunk] = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
-        ctx.save_for_backward(h, weight, targets, ent)
+            z = (h[s:s + chunk].to(dtype) @ w.t()).float()  # [c, V]
+            m = z.amax(dim=-1)
+            z.sub_(m[:, None])  # shifted logits: exp cannot overflow, log-probs and entropy unchanged
+            e = z.exp()
+            total = e.sum(dim=-1)
+            log_total = total.log()
+            lse[s:s + chunk] = m + log_total
+            logp[s:s + chunk] = z.gather(1, targets[s:s + chunk, None])[:, 0] - log_total
+            ent[s:s + chunk] = log_total - e.mul_(z).sum(dim=-1) / total  # H = log S - sum(e z) / S
+        ctx.save_for_backward(h, weight, targets, ent, lse)
         ctx.chunk, ctx.dtype = chunk, dtype
         return logp, ent
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
-        h, weight, targets, ent = ctx.saved_tensors
+        h, weight, targets, ent, lse = ctx.saved_tensors
         w = weight.to(ctx.dtype)
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if ctx.needs_input_grad[1] else None
         for s in range(0, h.shape[0], ctx.chunk):
             hc, yc = h[s:s + ctx.chunk].to(ctx.dtype), targets[s:s + ctx.chunk]
-            logp_all = torch.log_softmax((hc @ w.t()).float(), dim=-1)  # [c, V]
+            logp_all = (hc @ w.t()).float().sub_(lse[s:s + ctx.chunk, None])  # [c, V]
             p = logp_all.exp()
-            dz = torch.zeros_like(p)
-            if g_logp is not None:
-                gl = g_logp[s:s + ctx.chunk].float()
-                dz -= gl[:, None] * p
-                dz[torch.arange(dz.shape[0], device=dz.device), yc] += gl
+            gl = g_logp[s:s + ctx.chunk].float() if g_logp is not None else torch.zeros_like(yc, dtype=p.dtype)
+            # dz = gl (onehot - p) - ge p (log p + H) = p * -(gl + ge (log p + H)) + gl onehot
             if g_ent is not None:
                 ge = g_ent[s:s + ctx.chunk].float()
-                dz -= ge[:, None] * p * (logp_all + ent[s:s + ctx.chunk, None])
+                coef = logp_all.add_(ent[s:s + ctx.chunk, None]).mul_(-ge[:, None]).sub_(gl[:, None])
+                dz = p.mul_(coef)
+            else:
+                dz = p.mul_(-gl[:, None])
+            dz[torch.arange(dz.shape[0], device=dz.device), yc] += gl
             dz = dz.to(ctx.dtype)
             if grad_h is not None:
                 grad_h[s:s + ctx.chunk] = dz @ w
-            if grad_w is not None:
+            if grad_w is not None and ctx.dtype == torch.float32:
+                grad_w.addmm_(dz.t(), hc)
+            elif grad_w is not None:
                 grad_w += (dz.t() @ hc).float()
         return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None
 
