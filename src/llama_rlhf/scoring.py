@@ -8,6 +8,9 @@ no [B, T, V] fp32 logits tensor ever exists. One token alignment for the verifie
 
     tokens  [B, T]    prompt + response, right-padded
     actions [B, T-1]  position j is the prediction of token j+1 from tokens <= j
+
+Packed batches (`packed_batch`) hold the prompt of several sequences once per row; their
+action log-probs / values still come back in that unpacked [S, T-1] layout.
 """
 from __future__ import annotations
 
@@ -175,8 +178,9 @@ def linear_logprobs(h: torch.Tensor, output: nn.Module, targets: torch.Tensor,
 class PairBatch:
     """S (prompt, response) sequences laid out in R rows of T tokens: the one batch format of
     the verifier, DPO, PPO and best-of-N. Unpacked (`pair_batch`), row i is sequence i. Packed
-    (the verifier's `--packing`), a pair's prompt + chosen + rejected share one row, with
-    `positions` and `segments` (0 prompt, 1 chosen, 2 rejected, 3 padding) for the mask."""
+    (`packed_batch`: the verifier's `--packing`, PPO's samples of one prompt), sequences that
+    share a prompt share one row, prompt once, with `positions` and `segments` (0 prompt, k the
+    row's k-th response, PAD_SEGMENT padding) for the mask."""
     tokens: torch.Tensor  # [R, T] long, right-padded
     row: torch.Tensor  # [S] long: the row of each sequence
     last: torch.Tensor  # [S] long: position of each sequence's last token (its EOS)
@@ -191,8 +195,29 @@ class PairBatch:
 
     @property
     def action_mask(self) -> torch.Tensor:
-        """[S, T-1]: True at j where token j+1 is a response token (unpacked rows)."""
-        return self.resp_mask[:, 1:]
+        """[S, W]: True at j where token j+1 of the sequence, laid out as one unpacked row, is a
+        response token (W = T-1 of that unpacked layout)."""
+        if self.positions is None:
+            return self.resp_mask[:, 1:]
+        s, q = self.resp_mask.nonzero(as_tuple=True)
+        pos = self.positions[self.row[s], q]  # each response token's position in its own sequence
+        mask = torch.zeros(self.resp_mask.shape[0], max(int(pos.max()), 1), dtype=torch.bool,
+                           device=pos.device)
+        mask[s, pos - 1] = True
+        return mask
+
+    def action_sources(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sources [M], targets [M]) for the M True entries of `action_mask`, in its row-major
+        order: the flat index into [R * T] of the hidden state that predicts each response token,
+        and the token. In a packed row a response's first token is predicted from the prompt's
+        last position, not from the token before it (another response's end)."""
+        s, q = self.resp_mask.nonzero(as_tuple=True)  # sequence-major, positions ascending
+        r, T = self.row[s], self.tokens.shape[1]
+        pred = q - 1
+        if self.segments is not None:
+            prompt_end = (self.segments == 0).sum(1) - 1  # [R]: the prompt opens every row
+            pred = torch.where(self.resp_mask[s, q - 1], pred, prompt_end[r])
+        return r * T + pred, self.tokens[r, q]
 
     def to(self, device) -> "PairBatch":
         return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device)
@@ -215,11 +240,68 @@ def pair_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int
     return PairBatch(tokens, torch.arange(len(rows)), last, resp_mask, n_tokens=sum(map(len, rows)))
 
 
+PAD_SEGMENT = -1
+
+
+def packed_batch(prompts: list[list[int]], responses: list[list[int]], groups: list[list[int]],
+                 pad_id: int) -> PairBatch:
+    """Row g holds the prompt of the sequences `groups[g]` (equal prompts) once, then each of
+    their responses; a response continues the prompt's positions and sees the prompt and itself
+    (`packed_mask`). Sequence s keeps index s. Every prompt and response must be non-empty."""
+    S, R = len(prompts), len(groups)
+    T = max(len(prompts[g[0]]) + sum(len(responses[s]) for s in g) for g in groups)
+    tokens = torch.full((R, T), pad_id, dtype=torch.long)
+    positions = torch.zeros((R, T), dtype=torch.long)
+    segments = torch.full((R, T), PAD_SEGMENT, dtype=torch.long)
+    row, last = torch.zeros(S, dtype=torch.long), torch.zeros(S, dtype=torch.long)
+    resp = torch.zeros((S, T), dtype=torch.bool)
+    for g, seqs in enumerate(groups):
+        prompt = prompts[seqs[0]]
+        n = len(prompt)
+        tokens[g, :n], positions[g, :n], segments[g, :n] = torch.tensor(prompt), torch.arange(n), 0
+        at = n
+        for k, s in enumerate(seqs, start=1):
+            c = len(responses[s])
+            if not (n and c):
+                raise ValueError(f"sequence {s}: empty prompt or response")
+            if prompts[s] != prompt:
+                raise ValueError(f"sequence {s}: its prompt differs from its row's")
+            tokens[g, at:at + c] = torch.tensor(responses[s])
+            positions[g, at:at + c] = torch.arange(n, n + c)
+            segments[g, at:at + c] = k
+            resp[s, at:at + c] = True
+            row[s], last[s] = g, at + c - 1
+            at += c
+        positions[g, at:] = torch.arange(T - at)
+    n_tokens = sum(len(prompts[g[0]]) + sum(len(responses[s]) for s in g) for g in groups)
+    return PairBatch(tokens, row, last, resp, positions, segments, n_tokens=n_tokens)
+
+
+def prompt_rows(prompts: list[list[int]], responses: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """`packed_batch`'s rows: sequences with equal prompts together (in order of first
+    appearance), a row closed before its prompt + responses would pass `max_tokens`, since a
+    packed row's dense attention grows with the square of its length."""
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(tuple(p), []).append(i)
+    rows = []
+    for seqs in groups.values():
+        row, n = [], len(prompts[seqs[0]])
+        for s in seqs:
+            if row and n + len(responses[s]) > max_tokens:
+                rows.append(row)
+                row, n = [], len(prompts[s])
+            row.append(s)
+            n += len(responses[s])
+        rows.append(row)
+    return rows
+
+
 def packed_mask(positions: torch.Tensor, segments: torch.Tensor, window: Optional[int] = None) -> torch.Tensor:
-    """Attention mask [R, 1, T, T] (True = attend) of packed pair rows: `causal_mask` by position,
-    and a token sees its own segment, chosen / rejected tokens (segments 1, 2) also the prompt (0)."""
+    """Attention mask [R, 1, T, T] (True = attend) of packed rows: `causal_mask` by position,
+    and a token sees its own segment, a response's tokens (segments >= 1) also the prompt (0)."""
     q_seg, k_seg = segments[:, None, :, None], segments[:, None, None, :]
-    answer_sees_prompt = (k_seg == 0) & ((q_seg == 1) | (q_seg == 2))
+    answer_sees_prompt = (k_seg == 0) & (q_seg > 0)
     return causal_mask(positions, positions, window) & ((q_seg == k_seg) | answer_sees_prompt)
 
 
@@ -237,17 +319,22 @@ def forward_hidden(model, batch: PairBatch) -> torch.Tensor:
 def action_logprobs(model, batch: PairBatch, with_entropy: bool = False):
     """log p(token j+1 | tokens <= j) at every action position, 0 elsewhere: [B, T-1] fp32
     (and the entropy there, [B, T-1]). Only action positions reach the vocabulary projection."""
-    mask = batch.action_mask
-    h = forward_hidden(model, batch)[:, :mask.shape[1]]  # [B, T-1, dim]
-    logp, ent = linear_logprobs(h[mask], model.output, batch.tokens[:, 1:mask.shape[1] + 1][mask])
+    h = forward_hidden(model, batch)  # [R, T, dim]
+    mask = batch.action_mask.to(h.device)  # [B, T-1]
+    src, targets = (t.to(h.device) for t in batch.action_sources())
+    logp, ent = linear_logprobs(h.flatten(0, 1)[src], model.output, targets)
     zeros = torch.zeros(mask.shape, dtype=torch.float32, device=h.device)
     logps = zeros.masked_scatter(mask, logp)
     return (logps, zeros.masked_scatter(mask, ent)) if with_entropy else logps
 
 
 def action_values(model, batch: PairBatch) -> torch.Tensor:
-    """Critic value of the state before each action: [B, T-1]."""
-    return model.values(forward_hidden(model, batch))[:, :-1]
+    """Critic value of the state before each action, 0 elsewhere: [B, T-1]."""
+    h = forward_hidden(model, batch)  # [R, T, dim]
+    mask = batch.action_mask.to(h.device)
+    src, _ = batch.action_sources()
+    values = model.values(h.flatten(0, 1)[src.to(h.device)])  # [M]
+    return torch.zeros(mask.shape, dtype=values.dtype, device=h.device).masked_scatter(mask, values)
 
 
 def scores_from_hidden(model, h: torch.Tensor, batch: PairBatch, reduce: str = "last") -> torch.Tensor:

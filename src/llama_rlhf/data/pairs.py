@@ -43,7 +43,7 @@ import torch
 from ..errors import UsageError
 from ..config import flag
 from ..log import get_logger
-from ..scoring import PairBatch, pair_batch
+from ..scoring import PairBatch, packed_batch, pair_batch
 from ..tasks.gsm8k import grade
 from ..records import DataError, load_records, write_json_atomic
 from .encoding import PLAIN, PromptFormat, encode_prompt, encode_response, fit_length
@@ -201,31 +201,15 @@ def load_pair_dataset(path: str, tokenizer, max_seq_len: Optional[int] = None,
 # ----------------------------------------------------------------------------- collation
 
 def collate_pairs(pairs: Sequence[Pair], pad_id: int, packing: bool = False) -> PairBatch:
-    """Sequences 0..P-1 are the chosen answers, P..2P-1 the rejected ones."""
+    """Sequences 0..P-1 are the chosen answers, P..2P-1 the rejected ones; packed, pair i's
+    row is its prompt, chosen, rejected."""
     P = len(pairs)
-    if not packing:
-        b = pair_batch([p.prompt for p in pairs] * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
-        return dataclasses.replace(b, n_pairs=P)
-    T = max(len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
-    tokens = torch.full((P, T), pad_id, dtype=torch.long)
-    positions = torch.zeros((P, T), dtype=torch.long)
-    segments = torch.full((P, T), 3, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, 3 padding
-    last = torch.zeros(2 * P, dtype=torch.long)
-    resp = torch.zeros((2 * P, T), dtype=torch.bool)
-    for i, p in enumerate(pairs):
-        n, c, r = len(p.prompt), len(p.chosen), len(p.rejected)
-        if not (n and c and r):
-            raise ValueError(f"pair {i}: empty prompt or response")
-        tokens[i, :n + c + r] = torch.tensor(p.prompt + p.chosen + p.rejected)
-        positions[i, :n + c] = torch.arange(n + c)
-        positions[i, n + c:n + c + r] = torch.arange(n, n + r)  # rejected continues the prompt
-        positions[i, n + c + r:] = torch.arange(T - (n + c + r))
-        segments[i, :n], segments[i, n:n + c], segments[i, n + c:n + c + r] = 0, 1, 2
-        resp[i, n:n + c] = True
-        resp[P + i, n + c:n + c + r] = True
-        last[i], last[P + i] = n + c - 1, n + c + r - 1
-    return PairBatch(tokens, torch.arange(P).repeat(2), last, resp, positions, segments, n_pairs=P,
-                     n_tokens=sum(len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs))
+    prompts, responses = [p.prompt for p in pairs] * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    if packing:
+        b = packed_batch(prompts, responses, [[i, P + i] for i in range(P)], pad_id)
+    else:
+        b = pair_batch(prompts, responses, pad_id)
+    return dataclasses.replace(b, n_pairs=P)
 
 
 # ----------------------------------------------------------------------------- make_pairs

@@ -12,7 +12,10 @@ from typing import Optional
 import torch
 
 from ..checkpoint import atomic_torch_save
-from ..scoring import PairBatch, pair_batch
+from ..scoring import PairBatch, packed_batch, pair_batch, prompt_rows
+
+# Past ~1k tokens a packed row's attention costs more than the prompts it saves.
+PACK_ROW_TOKENS = 1024
 
 
 @dataclass
@@ -36,8 +39,13 @@ class RolloutBuffer:
         return len(self.prompts)
 
     def batch(self, idx: list[int], pad_id: int) -> PairBatch:
-        """Rows `idx`, padded only to their own longest row (T-1 columns sliced to match)."""
-        return pair_batch([self.prompts[i] for i in idx], [self.responses[i] for i in idx], pad_id)
+        """Rows `idx`, padded only to their own longest row (T-1 columns sliced to match). The
+        samples of one prompt among them share packed rows: the prompt is computed once."""
+        prompts, responses = [self.prompts[i] for i in idx], [self.responses[i] for i in idx]
+        rows = prompt_rows(prompts, responses, PACK_ROW_TOKENS)
+        if len(rows) == len(idx):
+            return pair_batch(prompts, responses, pad_id)
+        return packed_batch(prompts, responses, rows, pad_id)
 
     def generation_logprobs(self) -> torch.Tensor:
         """Sampler log-probs laid out on action positions [N, T-1]."""

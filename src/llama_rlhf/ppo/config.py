@@ -30,7 +30,8 @@ class PPOConfig(PromptFlags):
     reduce: str = flag("last", choices=("last", "mean"))  # how the reward model scores a response
     estimator: str = flag("gae", choices=ESTIMATORS)
     num_samples: int = 1  # responses per prompt (group size for grpo / rloo)
-    max_batch_size: int = 6  # rollouts per actor / critic minibatch (one optimizer step)
+    max_batch_size: int = 6  # rollouts per actor / critic forward / backward (micro-batch)
+    accumulation_steps: int = 1  # micro-batches per optimizer step
     rollout_batch_size: Optional[int] = None  # generation and no-grad scoring batch; default max_batch_size
     max_buffer_size: int = 96  # prompts per round, over all data-parallel replicas
     epochs: int = 1
@@ -98,6 +99,8 @@ class PPOConfig(PromptFlags):
             raise UsageError(f"--rollout_batch_size must be >= 1, got {self.rollout_batch_size}")
         if self.max_batch_size < 1:
             raise UsageError(f"--max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.accumulation_steps < 1:
+            raise UsageError(f"--accumulation_steps must be >= 1, got {self.accumulation_steps}")
         if self.estimator == "gae" and not self.critic_ckpt_dir:
             raise UsageError("--estimator gae needs --critic_ckpt_dir (grpo / rloo need no critic)")
         if self.estimator != "gae" and self.num_samples < 2:

@@ -189,14 +189,26 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ updates
 
-    def _orders(self, generator: torch.Generator, n: int) -> list[list[int]]:
-        """Every minibatch of every inner epoch, drawn up front: the same draws, in the same
-        order, as drawing each epoch's permutation when it starts."""
-        size, out = self.cfg.max_batch_size, []
+    def _orders(self, generator: torch.Generator, n: int) -> list[list[list[int]]]:
+        """Every optimizer step of every inner epoch, drawn up front (the same draws, in the
+        same order, as drawing each epoch's permutation when it starts), each step cut into its
+        micro-batches. Accumulating, a step's rows go in buffer order, so the samples of one
+        prompt share micro-batches and their packed rows (`RolloutBuffer.batch`)."""
+        micro, accum, out = self.cfg.max_batch_size, self.cfg.accumulation_steps, []
         for _ in range(self.cfg.inner_epochs):
             order = torch.randperm(n, generator=generator).tolist()
-            out += [order[s:s + size] for s in range(0, n, size)]
+            for s in range(0, n, micro * accum):
+                step = order[s:s + micro * accum]
+                step = sorted(step) if accum > 1 else step
+                out.append([step[m:m + micro] for m in range(0, len(step), micro)])
         return out
+
+    @staticmethod
+    def _weights(buf: RolloutBuffer, step: list[list[int]]) -> list[float]:
+        """Each micro-batch's share of the step's response tokens: the token-mean losses of the
+        micro-batches, so weighted, sum to the token mean over the whole step."""
+        counts = [sum(len(buf.responses[i]) for i in idx) for idx in step]
+        return [c / sum(counts) for c in counts]
 
     def _step(self, model, optimizer, replicas: Optional[tuple[int, ...]]) -> float:
         """Gradients summed over the model's replicas, scaled by 1 / shards (= DP size under
@@ -212,27 +224,40 @@ class PPOTrainer:
     def train_actor(self, buf: RolloutBuffer) -> dict:
         return self._train_actor([(buf, self._orders(self.batch_order, len(buf)))], None)[0]
 
-    def _train_actor(self, jobs: list[tuple[RolloutBuffer, list[list[int]]]],
-                     replicas: Optional[tuple[int, ...]]) -> list[dict]:
-        """One optimizer step per minibatch index; each job (shard buffer, minibatch order)
-        adds its minibatch's gradient. Returns each job's stats."""
+    def _train_actor(self, jobs: list[tuple[RolloutBuffer, list]], replicas: Optional[tuple[int, ...]]) -> list[dict]:
+        return self._train(self.m.actor, self.m.actor_opt, self._actor_loss, jobs, replicas, "actor/")
+
+    def train_critic(self, buf: RolloutBuffer) -> dict:
+        if self.cfg.estimator != "gae":
+            return {}
+        return self._train_critic([(buf, self._orders(self.batch_order, len(buf)))], None)[0]
+
+    def _train_critic(self, jobs: list[tuple[RolloutBuffer, list]], replicas: Optional[tuple[int, ...]]) -> list[dict]:
+        return self._train(self.m.critic, self.m.critic_opt, self._critic_loss, jobs, replicas, "critic/")
+
+    def _train(self, model, optimizer, loss_fn, jobs: list[tuple[RolloutBuffer, list[list[list[int]]]]],
+               replicas: Optional[tuple[int, ...]], prefix: str) -> list[dict]:
+        """One optimizer step per step index; each job (shard buffer, its `_orders`) adds the
+        gradients of that step's micro-batches, weighted by their token shares. Returns each
+        job's stats (and the first micro-batch's ratio stats)."""
         acc: list[dict] = [{} for _ in jobs]
         first: list[dict] = [{} for _ in jobs]
-        with self.m.phase(self.m.actor, self.m.actor_opt) as actor:
-            actor.train()
-            for k in range(max(len(order) for _, order in jobs)):
+        with self.m.phase(model, optimizer) as mdl:
+            mdl.train()
+            for k in range(max(len(steps) for _, steps in jobs)):
                 done = []
-                for j, (buf, order) in enumerate(jobs):
-                    if k < len(order):
-                        loss, sj = self._actor_loss(actor, buf, order[k])
-                        loss.backward()
+                for j, (buf, steps) in enumerate(jobs):
+                    step = steps[k] if k < len(steps) else []
+                    for idx, share in zip(step, self._weights(buf, step)):
+                        loss, sj = loss_fn(mdl, buf, idx)
+                        (loss * share).backward()
                         done.append((j, sj))
-                norm = self._step(actor, self.m.actor_opt, replicas)
+                norm = self._step(mdl, optimizer, replicas)
                 for j, sj in done:
                     sj["grad_norm"] = norm
                     first[j] = first[j] or {f"first/{key}": _f(v) for key, v in sj.items() if key.startswith("ratio")}
                     _accumulate(acc[j], sj)
-        return [{**_mean(a, "actor/"), **f} for a, f in zip(acc, first)]
+        return [{**_mean(a, prefix), **f} for a, f in zip(acc, first)]
 
     def _actor_loss(self, actor, buf: RolloutBuffer, idx: list[int]) -> tuple[torch.Tensor, dict]:
         cfg, dev, kl_coef = self.cfg, self.m.device, self.kl_ctl.value
@@ -248,36 +273,14 @@ class PPOTrainer:
         s["entropy"] = masked_mean(ent.detach(), batch.action_mask)
         return loss, s
 
-    def train_critic(self, buf: RolloutBuffer) -> dict:
-        if self.cfg.estimator != "gae":
-            return {}
-        return self._train_critic([(buf, self._orders(self.batch_order, len(buf)))], None)[0]
-
-    def _train_critic(self, jobs: list[tuple[RolloutBuffer, list[list[int]]]],
-                      replicas: Optional[tuple[int, ...]]) -> list[dict]:
-        cfg, dev = self.cfg, self.m.device
-        acc: list[dict] = [{} for _ in jobs]
-        with self.m.phase(self.m.critic, self.m.critic_opt) as critic:
-            critic.train()
-            for k in range(max(len(order) for _, order in jobs)):
-                done = []
-                for j, (buf, order) in enumerate(jobs):
-                    if k >= len(order):
-                        continue
-                    idx = order[k]
-                    batch = buf.batch(idx, self.tok.pad_id).to(dev)
-                    w = batch.action_mask.shape[1]
-                    with autocast():
-                        values = action_values(critic, batch)
-                    loss, sj = value_loss(values, buf.values[idx, :w].to(dev), buf.returns[idx, :w].to(dev),
-                                          batch.action_mask, cfg.clip_range_value)
-                    loss.backward()
-                    done.append((j, sj))
-                norm = self._step(critic, self.m.critic_opt, replicas)
-                for j, sj in done:
-                    sj["grad_norm"] = norm
-                    _accumulate(acc[j], sj)
-        return [_mean(a, "critic/") for a in acc]
+    def _critic_loss(self, critic, buf: RolloutBuffer, idx: list[int]) -> tuple[torch.Tensor, dict]:
+        dev = self.m.device
+        batch = buf.batch(idx, self.tok.pad_id).to(dev)
+        w = batch.action_mask.shape[1]
+        with autocast():
+            values = action_values(critic, batch)
+        return value_loss(values, buf.values[idx, :w].to(dev), buf.returns[idx, :w].to(dev),
+                          batch.action_mask, self.cfg.clip_range_value)
 
     # ------------------------------------------------------------------ rounds
 
