@@ -12,24 +12,26 @@ advantages, loss, backward, optimizer step(s); its wall time excludes every mode
 
 Ours: the library's own API in-process, the code `ppo_train.py` runs (`ppo.run._setup`, then one
 `PPOTrainer.run_round` over all prompts) with --estimator grpo --reward rule --kl_in loss
---kl_estimator k3 --kl_coef BETA --actor_lr LR --max_batch_size MINIBATCH --inner_epochs 1, from a
+--kl_estimator k3 --kl_coef BETA --actor_lr LR --max_batch_size MINIBATCH --accumulation_steps
+(rollouts / MINIBATCH) --inner_epochs 1 (one optimizer step per round), from a
 1-shard split of the GGUF (`checkpoint_split.py`). TRL: `GRPOTrainer` on the same weights
 (transformers' GGUF load, saved once as an HF dir so TRL can build its reference model from the
 path), per_device_train_batch_size MINIBATCH x gradient_accumulation_steps (rollouts / MINIBATCH) =
-one optimizer step per round, beta BETA, loss_type "bnpo", max_steps 1; `trainer.train()` is
+one optimizer step per round, beta BETA, loss_type "dapo", max_steps 1; `trainer.train()` is
 timed. Both fp32 on CPU (bf16 autocast on CUDA), same lr, KL coefficient, group size, completion
 length, minibatch, clip 0.2, max grad norm 1.0, AdamW betas (0.9, 0.95), no weight decay, no
 gradient checkpointing (ours has none on in PPO; TRL's default is on: `--trl_grad_ckpt`).
 
-Why "bnpo": ours' loss is the token-level mean over one minibatch (`losses.masked_mean`), which is
-TRL's "bnpo" (mean over the active tokens of the local batch). "dapo" (TRL's default) divides by
-the tokens of the whole generation batch instead; on a single batch the two coincide.
+Why "dapo": ours' loss, accumulated, is the token-level mean over the whole optimizer step (each
+micro-batch's `losses.masked_mean` weighted by its share of the step's tokens), which is TRL's
+"dapo" (its default: divided by the tokens of the whole generation batch). "bnpo" would average
+the micro-batches' own token means instead; on a single batch the two coincide.
 `use_bias_correction_kl=False`: TRL would otherwise multiply the KL by the (value 1) ratio, which
 leaves the loss value alone but changes its gradient away from ours' k3 penalty.
 
-Known differences, reported, not hidden: ours takes one optimizer step per minibatch (rollouts /
-MINIBATCH steps per round, the trainer has no gradient accumulation), TRL accumulates them into
-one step; ours' group std is the population std (eps 1e-6), TRL's is Bessel-corrected (eps 1e-4),
+Known differences, reported, not hidden: ours' micro-batches take a step's rollouts in buffer
+order (the samples of a prompt together, packed: the prompt computed once), TRL's a shuffled
+order, which changes nothing in a one-step round; ours' group std is the population std (eps 1e-6), TRL's is Bessel-corrected (eps 1e-4),
 so TRL's advantages are sqrt((K-1)/K) of ours; the two sides sample different completions (own
 RNGs), so the mean completion lengths of both are printed.
 
@@ -67,7 +69,8 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # CPU time = work, not spinning (as bench/train.py)
+# OpenMP's default wait policy, as users run: its spinning threads count in the CPU-time column;
+# OMP_WAIT_POLICY=PASSIVE in the environment makes CPU time = work, at ~18% of generation speed.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every file is local
 os.environ.setdefault("TQDM_DISABLE", "1")
 
@@ -76,9 +79,13 @@ import early_device  # noqa: E402,F401  (before torch: --device cpu hides CUDA)
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+_HAD_POLICY = "OMP_WAIT_POLICY" in os.environ
 from train import SMOLLM2_FILE, smollm2_path  # noqa: E402
 
-TRL_LOSS_TYPE = "bnpo"
+if not _HAD_POLICY:  # train.py's PASSIVE default is for its own CPU-time clock (OpenMP loaded with torch)
+    os.environ.pop("OMP_WAIT_POLICY", None)
+
+TRL_LOSS_TYPE = "dapo"
 
 
 def parse() -> argparse.Namespace:
@@ -88,7 +95,8 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--samples", type=int, default=4, help="group size (completions per prompt)")
     ap.add_argument("--new_tokens", type=int, default=128)
     ap.add_argument("--minibatch", type=int, default=16,
-                    help="rollouts per ours' minibatch = TRL per_device_train_batch_size (capped at the rollouts)")
+                    help="rollouts per forward / backward: ours --max_batch_size (micro-batch) = TRL "
+                         "per_device_train_batch_size (capped at the rollouts)")
     ap.add_argument("--rollout_batch", type=int, default=None,
                     help="ours' --rollout_batch_size (generation / no-grad scoring rows), default --minibatch; "
                          "TRL generates the whole round at once")
@@ -169,6 +177,7 @@ def ours_config(opt: argparse.Namespace, ckpt: str, train_file: str, work: Path)
                      estimator="grpo", reward="rule", num_samples=opt.samples, max_buffer_size=opt.prompts,
                      max_new_tokens=opt.new_tokens, t=1.0, template="chat", kl_in="loss", kl_estimator="k3",
                      kl_coef=opt.beta, actor_lr=opt.lr, max_batch_size=opt.minibatch, inner_epochs=1,
+                     accumulation_steps=opt.prompts * opt.samples // opt.minibatch,
                      rollout_batch_size=opt.rollout_batch,
                      max_rounds=1, seed=opt.seed, log_samples=0)
 
@@ -276,8 +285,8 @@ def trl_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
 
 @torch.no_grad()
 def trl_loss(trainer, inputs: dict, adv: torch.Tensor, ref: torch.Tensor, old: torch.Tensor | None) -> dict:
-    """TRL's `_compute_loss` in eval mode ("bnpo": sum over tokens / active tokens, not divided by
-    the accumulation steps); its logged KL gives the KL term, the rest is the policy term. Without
+    """TRL's `_compute_loss` in eval mode ("dapo": sum over tokens / the batch's active tokens, not
+    rescaled for accumulation); its logged KL gives the KL term, the rest is the policy term. Without
     `old` TRL takes its own log-probs, detached, as the old ones (old = new)."""
     dev = trainer.accelerator.device
     extra = {"advantages": adv.to(dev), "ref_per_token_logps": ref}
@@ -373,8 +382,9 @@ def config_rows(opt: argparse.Namespace, cfg, args) -> list[tuple[str, object, o
     rollouts = opt.prompts * opt.samples
     ours = [cfg.actor_lr, f"kl_coef {cfg.kl_coef} ({cfg.kl_estimator}, in the {cfg.kl_in})", cfg.num_samples,
             cfg.max_new_tokens, f"{cfg.max_buffer_size} x {cfg.num_samples} = {rollouts}", cfg.forward_batch_size,
-            f"{cfg.max_batch_size} rollouts, {rollouts // cfg.max_batch_size} optimizer step(s)",
-            "token mean per minibatch (masked_mean)", cfg.clip_range, f"{cfg.t} / {cfg.p} / {cfg.top_k}",
+            f"{cfg.max_batch_size} x {cfg.accumulation_steps} accumulated, "
+            f"{-(-rollouts // (cfg.max_batch_size * cfg.accumulation_steps))} step(s)",
+            "token mean over the step", cfg.clip_range, f"{cfg.t} / {cfg.p} / {cfg.top_k}",
             "(r - mean) / (pop. std + 1e-6)", "AdamW fused (0.9, 0.95), wd 0, clip 1.0", "off"]
     theirs = ["-"] * len(ours)
     if args is not None:
