@@ -100,6 +100,8 @@ def test_buffer_round_trips(tmp_path):
 def test_bad_input(ckpts, tmp_path):
     with pytest.raises(ValueError, match="max_buffer_size 2 x --num_samples 1 rollouts is smaller than --max_batch_size 4"):
         train_ppo(_cfg(ckpts, max_buffer_size=2))
+    with pytest.raises(ValueError, match="--accumulation_steps must be >= 1, got 0"):
+        train_ppo(_cfg(ckpts, accumulation_steps=0))
     write_json_atomic([{"question": "x"}], str(tmp_path / "bad.json"))
     with pytest.raises(ValueError, match="instruction"):
         train_ppo(_cfg(ckpts, train_file=str(tmp_path / "bad.json")))
