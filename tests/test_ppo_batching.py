@@ -15,9 +15,9 @@ from llama_rlhf.models import build_model, preset_args
 from llama_rlhf.ppo.buffer import RolloutBuffer
 from llama_rlhf.ppo.config import PPOConfig
 from llama_rlhf.ppo.trainer import PPOModels, PPOTrainer
+from llama_rlhf.scoring import action_logprobs, action_values, packed_batch, prompt_rows
 from llama_rlhf.trainers.optim import build_optimizer
 from tests.helpers import ppo_checkpoints
-from llama_rlhf.scoring import action_logprobs, action_values, packed_batch, prompt_rows
 
 V = 50
 PROMPTS = [[1, 5, 9, 4, 7], [1, 8, 3]]

@@ -249,7 +249,8 @@ def packed_batch(prompts: list[list[int]], responses: list[list[int]], groups: l
     their responses; a response continues the prompt's positions and sees the prompt and itself
     (`packed_mask`). Sequence s keeps index s. Every prompt and response must be non-empty."""
     S, R = len(prompts), len(groups)
-    T = max(len(prompts[g[0]]) + sum(len(responses[s]) for s in g) for g in groups)
+    lengths = [len(prompts[g[0]]) + sum(len(responses[s]) for s in g) for g in groups]
+    T = max(lengths)
     tokens = torch.full((R, T), pad_id, dtype=torch.long)
     positions = torch.zeros((R, T), dtype=torch.long)
     segments = torch.full((R, T), PAD_SEGMENT, dtype=torch.long)
@@ -273,8 +274,7 @@ def packed_batch(prompts: list[list[int]], responses: list[list[int]], groups: l
             row[s], last[s] = g, at + c - 1
             at += c
         positions[g, at:] = torch.arange(T - at)
-    n_tokens = sum(len(prompts[g[0]]) + sum(len(responses[s]) for s in g) for g in groups)
-    return PairBatch(tokens, row, last, resp, positions, segments, n_tokens=n_tokens)
+    return PairBatch(tokens, row, last, resp, positions, segments, n_tokens=sum(lengths))
 
 
 def prompt_rows(prompts: list[list[int]], responses: list[list[int]], max_tokens: int) -> list[list[int]]:
