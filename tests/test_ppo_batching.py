@@ -1,7 +1,8 @@
 """How PPO batches its rollouts. Packed rows (`scoring.packed_batch`: the samples of one prompt
 share a row, the prompt once) against the oracle of each sequence alone through the model's
 plain forward: action log-probs, entropies and critic values in the unpacked [S, T-1] layout,
-and their gradients. Gradient accumulation (`--accumulation_steps`): micro-batches of any
+and their gradients; the summed sequence log-probs of DPO and the verifier's LM term on the same
+rows. Gradient accumulation (`--accumulation_steps`): micro-batches of any
 size give the gradient of the whole step at once (the token mean over all its rows)."""
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from llama_rlhf.models import build_model, preset_args
 from llama_rlhf.ppo.buffer import RolloutBuffer
 from llama_rlhf.ppo.config import PPOConfig
 from llama_rlhf.ppo.trainer import PPOModels, PPOTrainer
-from llama_rlhf.scoring import action_logprobs, action_values, packed_batch, prompt_rows
+from llama_rlhf.scoring import (action_logprobs, action_values, forward_hidden, packed_batch, prompt_rows,
+                                sequence_logprobs)
 from llama_rlhf.trainers.optim import build_optimizer
 from tests.helpers import ppo_checkpoints
 
@@ -67,6 +69,24 @@ def test_packed_rows_score_as_each_sequence_alone(preset):
     total.backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(packed_grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_sequence_logprobs_of_packed_rows_sum_each_sequence_alone():
+    """DPO's `sequence_logps` and the verifier's `chosen_lm_nll` sum these; a response that
+    follows another in its row is predicted from the prompt, not from the other's end."""
+    model = build_model(preset_args("llama-tiny", vocab_size=V, reward_head=1), init_seed=3)
+    prompts, responses = [PROMPTS[p] for p, _ in SEQS], [r for _, r in SEQS]
+    batch = packed_batch(prompts, responses, prompt_rows(prompts, responses, 1024), pad_id=0)
+    with torch.no_grad():
+        h = forward_hidden(model, batch)
+        sums, counts = sequence_logprobs(model, h, batch)
+        first3, counts3 = sequence_logprobs(model, h, batch, n=3)
+        alone = torch.stack([_alone(model, PROMPTS[p], r)[1].sum() for p, r in SEQS])
+    assert counts.tolist() == [len(r) for _, r in SEQS]
+    assert alone.abs().min() > 1.0  # sums over several tokens, not zeros
+    torch.testing.assert_close(sums, alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(first3, alone[:3], rtol=1e-5, atol=1e-5)
+    assert counts3.tolist() == counts[:3].tolist()
 
 
 def test_rows_close_at_the_token_limit_and_the_buffer_packs_shared_prompts():

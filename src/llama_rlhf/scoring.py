@@ -328,6 +328,21 @@ def action_logprobs(model, batch: PairBatch, with_entropy: bool = False):
     return (logps, zeros.masked_scatter(mask, ent)) if with_entropy else logps
 
 
+def sequence_logprobs(model, h: torch.Tensor, batch: PairBatch,
+                      n: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-prob of the response tokens (+ EOS) of sequences 0..n-1 (default: all) given
+    their prompts, fp32 [n], and their token counts [n]; h [R, T, dim] from `forward_hidden`.
+    The same sources as `action_logprobs`, so packed rows are read right too."""
+    n = batch.resp_mask.shape[0] if n is None else n
+    src, targets = (t.to(h.device) for t in batch.action_sources())
+    seq = batch.resp_mask.nonzero()[:, 0].to(h.device)  # action_sources' order: sequence-major
+    keep = seq < n
+    logp, _ = linear_logprobs(h.flatten(0, 1)[src[keep]], model.output, targets[keep])
+    seq = seq[keep]
+    zeros = torch.zeros(n, dtype=torch.float32, device=h.device)
+    return zeros.index_add(0, seq, logp), zeros.index_add(0, seq, torch.ones_like(logp))
+
+
 def action_values(model, batch: PairBatch) -> torch.Tensor:
     """Critic value of the state before each action, 0 elsewhere: [B, T-1]."""
     h = forward_hidden(model, batch)  # [R, T, dim]

@@ -36,7 +36,7 @@ from ..errors import MissingPathError, UsageError
 from ..log import get_logger
 from ..lora import apply_lora
 from ..losses import dpo_loss
-from ..scoring import PairBatch, forward_hidden, linear_cross_entropy
+from ..scoring import PairBatch, forward_hidden, sequence_logprobs
 from .base import Trainer, autocast, load_for_training
 from .config import TrainConfig
 
@@ -45,15 +45,7 @@ DPO_LOSSES = ("sigmoid", "ipo")
 
 def sequence_logps(model: nn.Module, batch: PairBatch) -> torch.Tensor:
     """Summed log-prob of each sequence's response tokens (+ EOS) given its prompt [S], fp32."""
-    h = forward_hidden(model, batch)
-    dev = h.device
-    tokens = batch.tokens.to(dev)
-    out = []
-    for s in range(batch.row.shape[0]):
-        r = int(batch.row[s])
-        pos = batch.resp_mask[s].nonzero()[:, 0].to(dev)
-        out.append(-linear_cross_entropy(h[r, pos - 1], model.output, tokens[r, pos]))
-    return torch.stack(out).float()
+    return sequence_logprobs(model, forward_hidden(model, batch), batch)[0]
 
 
 @torch.no_grad()

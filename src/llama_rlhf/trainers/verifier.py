@@ -37,7 +37,7 @@ from ..log import get_logger
 from ..lora import apply_lora
 from ..losses import logexpwithlm_loss, pairwise_loss, pointwise_loss
 from ..models import attach_reward_head
-from ..scoring import PairBatch, forward_hidden, linear_cross_entropy, scores_from_hidden, sequence_scores
+from ..scoring import PairBatch, forward_hidden, scores_from_hidden, sequence_logprobs, sequence_scores
 from .base import Trainer, autocast, load_for_training
 from .config import TrainConfig
 
@@ -48,16 +48,10 @@ REDUCES = ("last", "mean")
 # ----------------------------------------------------------------------------- forward
 
 def chosen_lm_nll(model: nn.Module, h: torch.Tensor, batch: PairBatch) -> torch.Tensor:
-    """Mean next-token NLL of each chosen answer's tokens (+ EOS), one value per pair [P], via
-    the SFT trainer's chunked output-projection cross-entropy (no [B, T, V] logits)."""
-    dev = h.device
-    tokens = batch.tokens.to(dev)
-    out = []
-    for s in range(batch.n_pairs):
-        r = int(batch.row[s])
-        pos = batch.resp_mask[s].nonzero()[:, 0].to(dev)  # response token positions (contiguous)
-        out.append(linear_cross_entropy(h[r, pos - 1], model.output, tokens[r, pos]) / pos.numel())
-    return torch.stack(out)
+    """Mean next-token NLL of each chosen answer's tokens (+ EOS), one value per pair [P], by
+    the log-prob path DPO and PPO use (chunked: no [B, T, V] logits)."""
+    logp, count = sequence_logprobs(model, h, batch, batch.n_pairs)
+    return -logp / count
 
 
 def verifier_objective(loss_type: str = "pairwise", lm_coef: float = 0.0, reduce: str = "last"):
