@@ -5,7 +5,7 @@ import torch
 
 from ..parallel import tp_size
 from .args import PRESETS, ConfigError, ModelArgs, family_of, preset_args, read_args, write_params
-from .transformer import KVCache, Transformer, causal_mask
+from .transformer import KVCache, Transformer, attend, causal_mask
 from .heads import attach_reward_head
 
 
@@ -51,5 +51,5 @@ def init_weights(model: Transformer, seed: int, std: float = 0.02) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * s)
 
 
-__all__ = ["PRESETS", "ConfigError", "ModelArgs", "Transformer", "KVCache", "causal_mask", "build_model",
+__all__ = ["PRESETS", "ConfigError", "ModelArgs", "Transformer", "KVCache", "attend", "causal_mask", "build_model",
            "init_weights", "parameter_count", "family_of", "preset_args", "read_args", "write_params", "attach_reward_head"]

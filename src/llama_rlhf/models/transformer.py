@@ -184,7 +184,9 @@ class Transformer(nn.Module):
         """Final-norm hidden states [B, T, dim].
 
         positions [B, T] default to 0..T-1; mask [B, 1, T, S] (True = attend) defaults
-        to causal; with a `cache`, keys/values are written at `cache_pos`.
+        to causal. `cache` is each layer's attention hook, `attend(layer, q, k, v, mask, pos)`:
+        a `KVCache` (keys / values written at `cache_pos`) or packed rows' layout
+        (`scoring.PackedAttention`).
         """
         B, T = tokens.shape
         if positions is None:
@@ -195,7 +197,7 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
-                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, mask, use_reentrant=False)
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, mask, cache, cache_pos, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, mask, cache, cache_pos)
         return self.norm(h)
