@@ -279,8 +279,8 @@ def packed_batch(prompts: list[list[int]], responses: list[list[int]], groups: l
 
 def prompt_rows(prompts: list[list[int]], responses: list[list[int]], max_tokens: int) -> list[list[int]]:
     """`packed_batch`'s rows: sequences with equal prompts together (in order of first
-    appearance), a row closed before its prompt + responses would pass `max_tokens`, since a
-    packed row's dense attention grows with the square of its length."""
+    appearance), a row closed before its prompt + responses would pass `max_tokens` (a bound
+    on one row's activations)."""
     groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(prompts):
         groups.setdefault(tuple(p), []).append(i)

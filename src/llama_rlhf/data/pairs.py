@@ -25,7 +25,7 @@ Batches (``collate``) are `scoring.PairBatch`es of *sequences* (2 per pair: chos
 rejected, or 1 per pointwise sample) laid out in *rows*, with `margin` / `labels` / `n_pairs`
 set. Unpacked, every sequence has its own row, exactly `scoring.pair_batch` (row i = sequence i).
 Packed (``packing=True``), a pair shares one row: ``prompt + chosen + rejected``, the rejected
-tokens positioned right after the prompt and blind to the chosen ones (see `scoring.packed_mask`), so
+tokens positioned right after the prompt and blind to the chosen ones (see `scoring.PackedAttention`), so
 the prompt is computed once per pair and every score equals its unpacked value.
 """
 from __future__ import annotations

@@ -14,7 +14,8 @@ import torch
 from ..checkpoint import atomic_torch_save
 from ..scoring import PairBatch, packed_batch, pair_batch, prompt_rows
 
-# Past ~1k tokens a packed row's attention costs more than the prompts it saves.
+# A packed row's length: it bounds one row's activations (`PackedAttention` keeps attention
+# linear in the number of responses, so longer rows would cost no more compute).
 PACK_ROW_TOKENS = 1024
 
 
