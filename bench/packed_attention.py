@@ -54,7 +54,6 @@ def dense_mask(model, seg: torch.Tensor):
         del model.hidden
 
 
-
 def main() -> None:
     opt = parse()
     torch.set_num_threads(opt.threads)
