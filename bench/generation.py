@@ -9,7 +9,7 @@ also for the engine with its CPU oneDNN GEMMs switched off (LLAMA_RLHF_ONEDNN=0)
 
 It also prints the matmul floor: the time of the model's weight GEMMs alone for the whole run
 (one prefill pass, then `new_tokens - 1` decode passes of `batch` rows; each pass runs every
-weight GEMM in model order, with the fastest of MKL `F.linear`, oneDNN and pre-packed MKL), i.e.
+weight GEMM in model order, with the fastest of MKL `F.linear`, oneDNN and pre-packed oneDNN / MKL), i.e.
 what any fp32 engine on this machine must spend even with zero overhead, and the largest ratio
 over HF that this floor leaves room for.
 
@@ -68,14 +68,16 @@ def build_from_flags(opt: argparse.Namespace, **kw):
 
 
 def _kernels(rows: int, w: torch.Tensor) -> dict:
-    """x[rows, K] @ w[N, K].T by MKL F.linear, oneDNN, and MKL with the weight pre-packed for
-    `rows` (what inductor's freezing uses)."""
+    """x[rows, K] @ w[N, K].T by MKL F.linear, oneDNN, and oneDNN and MKL with the weight pre-packed
+    for `rows` (what inductor's freezing uses; the engine's `cpu_linears` packs for oneDNN)."""
     x = torch.randn(rows, w.shape[1], device=w.device, dtype=w.dtype)
     out = {"F.linear": lambda: torch.nn.functional.linear(x, w)}
     if w.is_cuda:
         return out
     if torch.backends.mkldnn.is_available():
         out["oneDNN"] = lambda: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+        packed_dnn = torch.ops.mkldnn._reorder_linear_weight(w, rows)
+        out["oneDNN packed"] = lambda: torch.ops.mkldnn._linear_pointwise(x, packed_dnn, None, "none", [], "")
     if torch._C.has_mkl:
         packed = torch.ops.mkl._mkl_reorder_linear_weight(w, rows)
         out["MKL packed"] = lambda: torch.ops.mkl._mkl_linear(x, packed, w, None, rows)

@@ -24,7 +24,7 @@ last row stops), summed over its static batches.
 
 Floor: what the model's weight GEMMs alone cost for the token schedule ours ran, timed the way
 bench/generation.py times its floor (`_pass_seconds`: a pass over every weight GEMM in model
-order, fastest of F.linear / oneDNN / pre-packed MKL): per prompt one pass of the layers' GEMMs
+order, fastest of F.linear / oneDNN / pre-packed oneDNN / pre-packed MKL): per prompt one pass of the layers' GEMMs
 on its prompt tokens but the last (which the engine feeds in its first decode step), per decode
 step one pass of every GEMM including the tied 49152 x 576 output head with rows = the slots
 holding a row at that step (= the tokens kept at that step on CPU, where finished rows are

@@ -7,7 +7,8 @@ import torch
 
 from llama_rlhf.checkpoint import load_model, load_source, save_meta
 from llama_rlhf.errors import UsageError
-from llama_rlhf.generation import _row_key, _uniforms, generate, sample_next
+from llama_rlhf import generation
+from llama_rlhf.generation import _row_key, _uniforms, cpu_linears, generate, sample_next
 from tests.helpers import ROOT, tiny_hf_model, torchrun
 
 FAMILIES = {"llama": "llama-tiny", "qwen": "qwen-tiny"}
@@ -346,3 +347,23 @@ def test_finish_codes_read_every_few_steps_give_the_same_rows(cases, monkeypatch
         # Log-probs agree to rounding: the batch each step runs differs (idle rows), not the math.
         assert max(abs(a - b) for x, y in zip(out.logprobs, ref.logprobs) for a, b in zip(x, y)) <= 1e-5
     assert "eos" in every_step[0].finish_reasons
+
+
+@pytest.mark.parametrize("pack_limit", [generation._PACK_MAX_BYTES, 0], ids=["packed", "unpacked"])
+def test_cpu_linears_compute_each_linear_as_its_own_forward(monkeypatch, pack_limit):
+    """The oneDNN GEMMs that generation swaps in (weights pre-packed for 16 rows, or not) give the
+    modules' own F.linear outputs at any row count, with and without a bias, and are undone after."""
+    monkeypatch.setattr(generation, "_PACK_MAX_BYTES", pack_limit)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.Linear(40, 8, bias=False))
+    xs = [torch.randn(n, 24) for n in (1, 5, 64, 300)] + [torch.randn(3, 1, 24)]
+    with torch.no_grad():
+        want = [net(x) for x in xs]
+        with cpu_linears(net, torch.device("cpu"), rows=16):
+            if not generation._onednn_works():
+                pytest.skip("this torch has no oneDNN linear")
+            assert all("forward" in m.__dict__ for m in net)
+            got = [net(x) for x in xs]
+    assert not any("forward" in m.__dict__ for m in net)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
