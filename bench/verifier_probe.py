@@ -46,7 +46,7 @@ def pairs(n: int, seed: int) -> list[tuple[str, str, str]]:
     train, _ = make_splits(4000, 10, seed, 2, 0.0)
     rng, out = random.Random(seed), []
     for rec in train:
-        gold = rec["output"][0] if isinstance(rec["output"], list) else rec["output"]
+        gold = rec["output"][0]  # synthetic records hold one solution
         bad = slip_solution(gold, rng)
         if bad is not None:
             out.append((rec["instruction"], gold, bad))

@@ -579,7 +579,7 @@ _PACK_MAX_BYTES = 4 << 30
 
 
 @contextlib.contextmanager
-def cpu_linears(model: nn.Module, device: torch.device, rows: int = 64) -> Iterator[None]:
+def cpu_linears(model: nn.Module, device: torch.device, rows: int) -> Iterator[None]:
     """On CPU, run the model's fp32 `nn.Linear`s through oneDNN, weights pre-packed, for the duration.
 
     Decode multiplies a few rows by every weight matrix; for those thin fp32 GEMMs oneDNN is
